@@ -1,0 +1,425 @@
+"""List files, image reading, the decoded-image cache and the transforms.
+
+Layout (as in the original repo):
+    data/image/trainlist.txt, testlist.txt   <path relative to data/image> <label>
+    data/image/list.txt                      <path> [label]      the database to encode
+    data/query/list.txt                      <path> [label]      the queries
+
+Images are decoded once into a uint8 cache ([N, H, W, 3], on disk beside the data under .cache/, keyed by the list
+file's entries and the images' sizes and mtimes) and then cropped, flipped, resized and normalised as whole batches
+on the device. Data sets too large for that stream through a DataLoader with workers that decode and resize to the
+same uint8 form; the device does the rest in both cases.
+"""
+import hashlib
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps
+from tqdm import tqdm
+
+from net import UserError, atomic_write
+
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+Image.MAX_IMAGE_PIXELS = 20000 * 20000  # large scans are fine; decompression bombs beyond that are refused
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a silently grey image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# List files
+
+
+@dataclass
+class Entry:
+    path: str  # as written in the list file, relative to its folder
+    label: str | None  # None where the line has no label
+    line: int  # 1-based line number, for error messages
+
+
+def read_list(list_path, need_label):
+    """Parse `<path> <label>` lines (label optional unless need_label). Blank lines, CRLF, a BOM are fine."""
+    list_path = Path(list_path)
+    if not list_path.is_file():
+        raise UserError(f"list file {list_path} does not exist; create it or run: python prepare_data.py fashion-mnist")
+    try:
+        text = list_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{list_path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) > 2 or (need_label and len(fields) < 2):
+            expected = "<path> <label>" if need_label else "<path> [label]"
+            raise UserError(f"{list_path}:{number}: expected '{expected}' separated by whitespace, "
+                            f"got {len(fields)} field(s): {line.strip()[:80]!r}")
+        entries.append(Entry(fields[0], fields[1] if len(fields) == 2 else None, number))
+    if not entries:
+        raise UserError(f"list file {list_path} has no entries; each line is '<path> <label>'")
+    seen, duplicates = set(), 0
+    for entry in entries:
+        duplicates += entry.path in seen
+        seen.add(entry.path)
+    if duplicates:
+        warnings.warn(f"{list_path}: {duplicates} duplicate path(s); each is used as often as it is listed",
+                      stacklevel=2)
+    return entries
+
+
+def sort_labels(labels):
+    """Sorted label strings, numerically when every label is an integer."""
+    labels = set(labels)
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def training_classes(train_entries):
+    return sort_labels(entry.label for entry in train_entries)
+
+
+def class_indices(entries, classes, list_path):
+    """Label index of each entry against the training classes; an unseen label is an error (testlist)."""
+    index = {label: i for i, label in enumerate(classes)}
+    for entry in entries:
+        if entry.label not in index:
+            raise UserError(f"{list_path}:{entry.line}: label {entry.label!r} never occurs in the training list; "
+                            "every testlist label must be a training class")
+    return np.array([index[entry.label] for entry in entries], dtype=np.int64)
+
+
+def retrieval_labels(entries, classes, known):
+    """Labels for database or query entries: training classes first, unseen labels appended (sorted), -1 unknown.
+
+    known maps path -> label from trainlist/testlist for lines without a label. Returns (indices int64 [N],
+    the extended label list).
+    """
+    labels = [entry.label if entry.label is not None else known.get(entry.path) for entry in entries]
+    trained = set(classes)
+    extra = sort_labels(label for label in labels if label is not None and label not in trained)
+    every = list(classes) + extra
+    index = {label: i for i, label in enumerate(every)}
+    return np.array([index[label] if label is not None else -1 for label in labels], dtype=np.int64), every
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+class BadImage(Exception):
+    """An image that cannot be read; the message names the file and what is wrong."""
+
+
+def image_header(path):
+    """(width, height) from the header alone; BadImage when missing, empty or not an image."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise BadImage(f"{path}: file not found") from None
+    if size == 0:
+        raise BadImage(f"{path}: file is empty (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as err:
+        raise BadImage(f"{path}: not a readable image ({type(err).__name__})") from None
+
+
+def read_image(path):
+    """Decode to an RGB PIL image: EXIF rotation applied; grayscale, palette, RGBA, 16-bit and CMYK converted."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
+                array = np.asarray(image, dtype=np.float64)
+                peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+                image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8))
+            elif image.mode in ("P", "PA", "LA"):
+                image = image.convert("RGBA")
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise BadImage(f"{path}: file not found") from None
+    except Exception as err:
+        raise BadImage(f"{path}: cannot be decoded ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def check_images(folder, entries, skip_bad):
+    """Read every header before any long work. Returns (sizes [(w, h)], bad [(index, message)]).
+
+    Raises UserError on the first bad image unless skip_bad.
+    """
+    sizes, bad = [], []
+    for i, entry in enumerate(tqdm(entries, desc=f"check {folder}", unit="img", leave=False, mininterval=1)):
+        try:
+            sizes.append(image_header(Path(folder) / entry.path))
+        except BadImage as err:
+            if not skip_bad:
+                raise UserError(f"{err} (listed at line {entry.line}); fix or remove it, or pass --skip-bad") from None
+            sizes.append(None)
+            bad.append((i, str(err)))
+    return sizes, bad
+
+
+def store_size(sizes, img_size):
+    """The (height, width) images are cached at: their own when all share one small size, else a square.
+
+    The square is img_size * 8/7 (256 for 224), room for the random crop to take from.
+    """
+    square = math.ceil(img_size * 8 / 7)
+    known = {s for s in sizes if s is not None}
+    if len(known) == 1:
+        width, height = next(iter(known))
+        if width <= square and height <= square:
+            return height, width
+    return square, square
+
+
+class MyDataset(torch.utils.data.Dataset):
+    """Images of a list file as uint8 tensors [H, W, 3] at one stored size, with their label indices."""
+
+    def __init__(self, folder, entries, labels, size):
+        self.folder, self.entries, self.labels, self.size = Path(folder), entries, labels, size
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        """(image uint8 [H, W, 3], label, ok); ok is False (and the image zeros) where decoding failed."""
+        height, width = self.size
+        try:
+            image = read_image(self.folder / self.entries[i].path)
+        except BadImage as err:
+            return torch.zeros(height, width, 3, dtype=torch.uint8), int(self.labels[i]), str(err)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()), int(self.labels[i]), ""
+
+
+def loader(dataset, batch_size, workers, shuffle=False, generator=None, pin_memory=False):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       generator=generator, pin_memory=pin_memory,
+                                       persistent_workers=False, drop_last=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decoded-image cache
+
+
+def cache_key(folder, entries, size):
+    """Changes whenever the listed paths, their order, or any image's byte size or mtime change."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {size[0]}x{size[1]}\n".encode())
+    for entry in entries:
+        try:
+            stat = os.stat(Path(folder) / entry.path)
+            digest.update(f"{entry.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            digest.update(f"{entry.path}\0missing\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decoded_images(folder, entries, size, name, workers, skip_bad, cache=True):
+    """All images of entries as one uint8 array [N, H, W, 3] (memory-mapped from the cache when cache is True).
+
+    Returns (images, bad) with bad = [(index, message)] for images that failed to decode (zeros in the array);
+    raises UserError on the first such image unless skip_bad. name tells caches of different lists apart.
+    """
+    folder = Path(folder)
+    cache_dir = folder / ".cache"
+    path = cache_dir / f"{name}_{cache_key(folder, entries, size)}.npy"
+    bad_path = path.with_suffix(".bad.txt")
+    if cache and path.is_file():
+        try:
+            images = np.load(path, mmap_mode="r")
+            bad = _read_bad(bad_path) if bad_path.is_file() else []
+            if images.shape == (len(entries), *size, 3) and images.dtype == np.uint8:
+                if bad and not skip_bad:
+                    raise UserError(f"{bad[0][1]}; fix or remove it, or pass --skip-bad")
+                return images, bad
+        except (ValueError, OSError):
+            pass  # a damaged cache file is rebuilt below
+    dataset = MyDataset(folder, entries, np.zeros(len(entries), dtype=np.int64), size)
+    batches = loader(dataset, batch_size=256, workers=workers)
+
+    def fill(out):
+        bad = []
+        start = 0
+        for images, _, errors in tqdm(batches, desc=f"decode {name}", unit="batch", leave=False):
+            out[start:start + len(images)] = images.numpy()
+            for offset, message in enumerate(errors):
+                if message:
+                    if not skip_bad:
+                        raise UserError(f"{message}; fix or remove it, or pass --skip-bad")
+                    bad.append((start + offset, message))
+            start += len(images)
+        return bad
+
+    if not cache:
+        images = np.empty((len(entries), *size, 3), dtype=np.uint8)
+        return images, fill(images)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    result = {}
+
+    def write(tmp):
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(entries), *size, 3))
+        result["bad"] = fill(out)
+        out.flush()
+        del out
+
+    atomic_write(path, write)
+    atomic_write(bad_path, lambda tmp: Path(tmp).write_text(
+        "".join(f"{i}\t{message}\n" for i, message in result["bad"]), encoding="utf-8"))
+    for stale in cache_dir.glob(f"{name}_*"):  # older caches of the same list can never be used again
+        if not stale.name.startswith(path.stem):
+            stale.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r"), result["bad"]
+
+
+def _read_bad(path):
+    rows = [line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [(int(i), message) for i, message in rows]
+
+
+def clear_cache(folder):
+    shutil.rmtree(Path(folder) / ".cache", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms: whole batches on the device
+
+
+def normalise(images, mean, std):
+    """uint8 [B, H, W, 3] on the device -> float [B, 3, H, W] normalised (channels_last memory)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+
+def eval_transform(images, img_size, mean, std):
+    """The whole image resized to img_size x img_size: what database.py and query.py encode."""
+    x = normalise(images, mean, std)
+    if x.shape[-2:] != (img_size, img_size):
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > img_size or x.shape[-2] > img_size)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def train_transform(images, img_size, mean, std, generator, min_area=0.6):
+    """Random crop (area min_area..1 of the image, aspect 3/4..4/3), random horizontal flip, resize to img_size.
+
+    One affine grid for the whole batch: crop, flip and resize are a single grid_sample on the device.
+    generator is a torch.Generator on the CPU, so the crops are the same on any device for a given seed.
+    """
+    x = normalise(images, mean, std)
+    batch = x.shape[0]
+    area = torch.empty(batch).uniform_(min_area, 1.0, generator=generator)
+    log_ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = log_ratio.exp()
+    scale_x = (area * ratio).sqrt().clamp(max=1.0)  # fraction of the width taken
+    scale_y = (area / ratio).sqrt().clamp(max=1.0)
+    shift_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - scale_x)
+    shift_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - scale_y)
+    flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = scale_x * flip, shift_x
+    theta[:, 1, 1], theta[:, 1, 2] = scale_y, shift_y
+    grid = F.affine_grid(theta.to(x.device), [batch, 3, img_size, img_size], align_corners=False)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches on the device, from the cache or streamed
+
+
+def total_memory_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class ImageSource:
+    """The images of one list, checked, decoded and ready to be served in batches of uint8 on the device.
+
+    cache=True (the default for every stage): decoded once into the on-disk cache, then held in memory (or in GPU
+    memory when it fits) so an epoch costs no decoding at all. cache=False streams through a DataLoader whose
+    workers decode and resize; use it for collections too large for the cache's disk or memory.
+    Images that fail (missing, empty, not an image, broken further in) are an error naming the file, or with
+    skip_bad are left out: `bad` lists them and `keep` holds the indices of the entries that take part.
+    """
+
+    def __init__(self, folder, entries, labels, img_size, name, workers=2, skip_bad=False, cache=True,
+                 device=torch.device("cpu")):
+        self.folder, self.entries, self.name = Path(folder), entries, name
+        self.workers, self.device, self.cache = workers, device, cache
+        sizes, self.bad = check_images(folder, entries, skip_bad)
+        self.size = store_size(sizes, img_size)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.images = None
+        if cache:
+            images, decode_bad = decoded_images(folder, entries, self.size, name, workers, skip_bad)
+            self.bad = sorted(set(self.bad) | set(decode_bad))
+            self.images = self._resident(images)
+        bad_index = {i for i, _ in self.bad}
+        self.keep = np.array([i for i in range(len(entries)) if i not in bad_index], dtype=np.int64)
+        if len(self.keep) == 0:
+            raise UserError(f"no readable image in {self.folder} for {name}; see the errors above")
+
+    def _resident(self, images):
+        """The cache as a torch tensor: on the GPU when it takes under a third of free memory, else host memory."""
+        if self.device.type == "cuda" and images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 3:
+            return torch.from_numpy(np.array(images)).to(self.device)
+        if images.nbytes < total_memory_bytes() / 4:
+            return torch.from_numpy(np.array(images))  # read once into memory
+        return images  # memory-mapped numpy array: pages come from disk as batches need them
+
+    def __len__(self):
+        return len(self.keep)
+
+    def batches(self, batch_size, generator=None):
+        """Yield (images uint8 [B, H, W, 3], labels int64 [B], positions [B]) on the device.
+
+        positions index self.keep. generator (a CPU torch.Generator) shuffles; None keeps list order.
+        """
+        order = (torch.randperm(len(self.keep), generator=generator) if generator is not None
+                 else torch.arange(len(self.keep)))
+        labels = torch.from_numpy(self.labels[self.keep])
+        if self.images is not None:
+            keep = torch.from_numpy(self.keep)
+            on_device = isinstance(self.images, torch.Tensor) and self.images.device == self.device
+            for start in range(0, len(order), batch_size):
+                positions = order[start:start + batch_size]
+                rows = keep[positions]
+                if on_device:
+                    images = self.images[rows.to(self.device)]
+                elif isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order, then batch order
+                    sorted_rows, back = np.unique(rows.numpy(), return_inverse=True)
+                    images = torch.from_numpy(self.images[sorted_rows][back])
+                else:
+                    images = self.images[rows]
+                if self.device.type == "cuda" and not on_device:
+                    images = images.pin_memory()
+                yield (images.to(self.device, non_blocking=True), labels[positions].to(self.device, non_blocking=True),
+                       positions)
+            return
+        dataset = MyDataset(self.folder, [self.entries[i] for i in self.keep], self.labels[self.keep], self.size)
+        sampler_order = order.tolist()
+        batch_sampler = [sampler_order[s:s + batch_size] for s in range(0, len(sampler_order), batch_size)]
+        stream = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for positions, (images, batch_labels, errors) in zip(batch_sampler, stream):
+            for message in errors:
+                if message:
+                    raise UserError(f"{message}; fix or remove it, or pass --skip-bad")
+            yield (images.to(self.device, non_blocking=True), batch_labels.to(self.device, non_blocking=True),
+                   torch.tensor(positions))

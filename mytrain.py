@@ -1,0 +1,245 @@
+"""Train AlexNetPlusLatent on data/image/trainlist.txt; report accuracy on testlist.txt after every epoch.
+
+    python mytrain.py --bits 48                                      # ImageNet-initialised, as in DLBHC
+    python mytrain.py --bits 48 --pretrained none --img-size 64 --device cpu --epochs 8    # the CPU quick mode
+    python mytrain.py --bits 48 --resume                             # continue the last interrupted 48-bit run
+
+The finished model is saved as model/<bits>bits_<test accuracy %>.pt (e.g. model/48bits_91.37.pt, with _2, _3
+where the name is taken), its per-epoch metrics beside it as <same name>.jsonl. While a run is going, its state
+after each completed epoch is model/<bits>bits_<start time>.resume: not a .pt, so no stage takes it for a model.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import MyDataset
+from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, AlexNetPlusLatent, UserError, atomic_write, autocast,
+                 common_args_parser, elapsed, load_pretrained, model_name, pick_device, print_args, run_main,
+                 safe_load, save_checkpoint, unwrapped_state_dict, write_text)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("mytrain.py", description=__doc__.split("\n")[0], parents=[common_args_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=48, help="hash code length, 8..4096 (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=30, help="passes over trainlist (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default: 3e-4 for AdamW, 0.01 for SGD); new layers get 10x when pretrained")
+    parser.add_argument("--new-lr-scale", type=float, default=10.0,
+                        help="learning-rate multiplier of the latent and classifier layers, as DLBHC's solver (default: %(default)s)")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, in epochs, before cosine decay (default: %(default)s)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="(default: %(default)s)")
+    parser.add_argument("--binarize", type=float, default=0.0,
+                        help="weight of SSDH's term pushing latent outputs toward 0 or 1 (default: %(default)s)")
+    parser.add_argument("--balance", type=float, default=0.0,
+                        help="weight of SSDH's term pushing each bit toward 50%% activation (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=None, help="fc6/fc7 dropout (default: 0.5 for --recipe dlbhc, 0 for bn)")
+    parser.add_argument("--recipe", default="bn", choices=RECIPES,
+                        help="bn: BatchNorm before the latent sigmoid; dlbhc: the paper's network and loss (default: %(default)s)")
+    parser.add_argument("--img-size", type=int, default=224, help="input size in pixels, >= 64 (default: %(default)s)")
+    parser.add_argument("--pretrained", default="imagenet",
+                        help="imagenet (torchvision's AlexNet weights), none (from scratch) or PATH of an AlexNet state_dict (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--model-dir", default="model", help="where models are saved (default: %(default)s)")
+    parser.add_argument("--result", default="result", help="where bad_images.txt goes (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue the newest interrupted run with these --bits")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in result/bad_images.txt")
+    parser.add_argument("--no-cache", action="store_true", help="stream images through DataLoader workers instead of the decoded cache")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; costs compile time up front)")
+    return parser
+
+
+def check_args(args):
+    if not 8 <= args.bits <= 4096:
+        raise UserError(f"--bits {args.bits}: choose a code length from 8 to 4096")
+    if args.img_size < 64:
+        raise UserError(f"--img-size {args.img_size}: AlexNet needs at least 64 pixels")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    if args.lr is None:
+        args.lr = 3e-4 if args.optimizer == "adamw" else 0.01
+    if args.dropout is None:
+        args.dropout = 0.5 if args.recipe == "dlbhc" else 0.0
+
+
+def make_optimizer(model, args):
+    """The new layers (latent, classifier) learn args.new_lr_scale times faster, as in DLBHC's solver.
+
+    From scratch this matters too: the classifier reads sigmoid outputs in (0, 1), so its weights must grow large
+    before the loss can fall.
+    """
+    new = {id(p) for p in model.new_layers()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in new], "lr_scale": 1.0},
+        {"params": [p for p in model.parameters() if id(p) in new], "lr_scale": args.new_lr_scale},
+    ]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def learning_rate(step, steps_per_epoch, args):
+    """Linear warm-up for args.warmup epochs, then cosine decay to zero at the last step."""
+    total = args.epochs * steps_per_epoch
+    warmup = min(int(args.warmup * steps_per_epoch), total - 1)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def hashing_loss(codes, logits, labels, args):
+    """DLBHC's cross-entropy on the classifier, plus SSDH's optional binarisation and bit-balance terms."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+    if args.binarize:
+        loss = loss - args.binarize * (codes - 0.5).pow(2).mean()  # [B, bits]: larger when outputs sit near 0 or 1
+    if args.balance:
+        loss = loss + args.balance * (codes.mean(0) - 0.5).pow(2).mean()  # each bit on for half the batch
+    return loss
+
+
+@torch.no_grad()
+def accuracy(model, source, img_size, device, batch_size):
+    """Top-1 accuracy of the classifier on a whole ImageSource (eval transform)."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for images, labels, _ in source.batches(batch_size * 2):
+        with autocast(device):
+            _, logits, _ = model(MyDataset.eval_transform(images, img_size, IMAGENET_MEAN, IMAGENET_STD))
+        correct += (logits.argmax(1) == labels).sum()
+    return correct.item() / len(source)
+
+
+def find_resume(model_dir, bits):
+    runs = sorted(Path(model_dir).glob(f"{bits}bits_*.resume"), key=lambda p: p.stat().st_mtime_ns)
+    return runs[-1] if runs else None
+
+
+def train_sources(args, device):
+    """The training and test ImageSources, every list line parsed and every header read before epoch 1."""
+    folder = Path(args.data_root) / "image"
+    train_entries = MyDataset.read_list(folder / "trainlist.txt", need_label=True)
+    test_entries = MyDataset.read_list(folder / "testlist.txt", need_label=True)
+    classes = MyDataset.training_classes(train_entries)
+    if len(classes) < 2:
+        raise UserError(f"{folder / 'trainlist.txt'} has {len(classes)} class; training a classifier needs at least 2")
+    train_labels = MyDataset.class_indices(train_entries, classes, folder / "trainlist.txt")
+    test_labels = MyDataset.class_indices(test_entries, classes, folder / "testlist.txt")
+    common = dict(workers=args.workers, skip_bad=args.skip_bad, cache=not args.no_cache, device=device)
+    train = MyDataset.ImageSource(folder, train_entries, train_labels, args.img_size, "trainlist", **common)
+    test = MyDataset.ImageSource(folder, test_entries, test_labels, args.img_size, "testlist", **common)
+    return train, test, classes
+
+
+def main():
+    args = get_args_parser().parse_args()
+    model_dir = Path(args.model_dir)
+    state = None
+    if args.resume:
+        resume_path = find_resume(model_dir, args.bits)
+        if resume_path is None:
+            raise UserError(f"nothing to resume: no interrupted {args.bits}-bit run in {model_dir}/ "
+                            f"(start one with: python mytrain.py --bits {args.bits})")
+        state = safe_load(resume_path, "a resume state written by mytrain.py (delete it and start afresh)")
+        if not isinstance(state, dict) or not {"args", "epoch", "state_dict", "optimizer"} <= state.keys():
+            raise UserError(f"{resume_path} is not a resume state written by mytrain.py; delete it and start afresh")
+        kept = {k: getattr(args, k) for k in ("device", "workers", "debug", "resume")}
+        args = argparse.Namespace(**{**state["args"], **kept})
+        print(f"resuming {resume_path} from epoch {state['epoch'] + 1} of {args.epochs}")
+    check_args(args)
+    print_args(args)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+
+    train, test, classes = train_sources(args, device)
+    bad = [message for source in (train, test) for _, message in source.bad]
+    if bad:
+        write_text(Path(args.result) / "bad_images.txt", "".join(m + "\n" for m in bad))
+        print(f"skipped {len(bad)} unreadable image(s), listed in {Path(args.result) / 'bad_images.txt'}")
+
+    model = AlexNetPlusLatent(args.bits, len(classes), args.recipe, args.dropout)
+    if state is None:
+        load_pretrained(model, args.pretrained)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    start_epoch, train_seconds = 0, 0.0
+    run_stem = time.strftime(f"{args.bits}bits_%Y%m%d-%H%M%S")
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start_epoch, train_seconds, run_stem = state["epoch"] + 1, state["train_seconds"], state["run_stem"]
+    resume_path = model_dir / f"{run_stem}.resume"
+    log_path = model_dir / f"{run_stem}.jsonl"
+    step_model = torch.compile(model) if args.compile else model
+
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    test_accuracy = None
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        bar = MyDataset.tqdm(train.batches(args.batch_size, generator), total=steps_per_epoch, leave=False,
+                             desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
+        for i, (images, labels, _) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps_per_epoch, args) * group["lr_scale"]
+            x = MyDataset.train_transform(images, args.img_size, IMAGENET_MEAN, IMAGENET_STD, generator)
+            with autocast(device):
+                codes, logits, _ = step_model(x)
+            loss = hashing_loss(codes.float(), logits.float(), labels, args)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            if i % 20 == 19:  # the only host synchronisation in the loop
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        seconds = time.perf_counter() - epoch_start
+        train_seconds += seconds
+        test_accuracy = accuracy(model, test, args.img_size, device, args.batch_size)
+        record = {"epoch": epoch + 1, "loss": round(loss_sum.item() / len(train), 5),
+                  "train_accuracy": round(correct.item() / len(train), 5), "test_accuracy": round(test_accuracy, 5),
+                  "seconds": round(seconds, 2), "images_per_second": round(len(train) / seconds, 1)}
+        print(json.dumps(record), flush=True)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
+        resume_state = {"state_dict": unwrapped_state_dict(model), "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(), "epoch": epoch, "train_seconds": train_seconds,
+                        "run_stem": run_stem, "args": vars(args)}
+        atomic_write(resume_path, lambda tmp: torch.save(resume_state, tmp))
+
+    if test_accuracy is None:  # resumed a run whose last epoch had completed: measure it again
+        test_accuracy = accuracy(model, test, args.img_size, device, args.batch_size)
+    path = model_name(model_dir, args.bits, test_accuracy)
+    save_checkpoint(path, model, bits=args.bits, classes=classes, img_size=args.img_size, mean=list(IMAGENET_MEAN),
+                    std=list(IMAGENET_STD), recipe=args.recipe, dropout=args.dropout, pretrained=args.pretrained,
+                    epoch=args.epochs, test_accuracy=test_accuracy, train_seconds=round(train_seconds, 2),
+                    device=str(device), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), args=vars(args))
+    if log_path.exists():
+        os.replace(log_path, path.with_suffix(".jsonl"))
+    resume_path.unlink(missing_ok=True)
+    print(json.dumps({"model": str(path), "test_accuracy": round(test_accuracy, 5),
+                      "train_seconds": round(train_seconds, 1)}))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,316 @@
+"""The DLBHC network and how every stage runs it.
+
+AlexNetPlusLatent (Lin et al., CVPR 2015 workshops): AlexNet's conv layers, fc6 and fc7, then a latent layer of
+`bits` sigmoid units and a classifier on top of it. Thresholding the latent sigmoid at 0.5 gives the binary hash
+code; fc7 is the feature for coarse-to-fine re-ranking.
+
+This module also owns what every stage shares about running that network: picking the device, autocast,
+checkpoint files (save, load, find), atomic writes, the flags every script takes, and the error contract
+(a user's mistake is one line on stderr and exit status 2).
+
+Importing it does nothing: no download, no file written, no CUDA initialised.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RECIPES = ("dlbhc", "bn")  # the paper's network; a BatchNorm before the latent sigmoid (see README, Quality)
+CHECKPOINT_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and the command-line contract
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a flag, a file): printed as one line, exit status 2."""
+
+
+def common_args_parser():
+    """Flags every stage takes; scripts pass it as `parents=[common_args_parser()]`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data-root", default="data", help="folder holding image/ and query/ (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run; auto picks CUDA when present (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return parser
+
+
+def run_main(main):
+    """Call main() under the error contract: UserError -> one line, exit 2; Ctrl-C -> exit 130."""
+    debug = "--debug" in sys.argv
+    try:
+        main()
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def print_args(args):
+    """Print the resolved arguments at start; the same dict is stored with what the run writes."""
+    print(json.dumps({"args": vars(args)}, default=str), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device
+
+
+def pick_device(name="auto"):
+    """The one place that chooses the device: 'auto', 'cpu' or 'cuda'."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision on the CPU (bf16 matmuls are slow on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path) on a temporary name in the same folder, then rename it onto path.
+
+    A reader sees the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class AlexNetPlusLatent(nn.Module):
+    """AlexNet features, fc6, fc7, a latent Linear(4096, bits) + sigmoid, and a Linear(bits, classes) classifier.
+
+    recipe 'dlbhc' is the paper's network; 'bn' adds a BatchNorm1d between the latent Linear and the sigmoid,
+    which lets a from-scratch AlexNet train (README, Quality). dropout is fc6/fc7's dropout probability.
+    """
+
+    def __init__(self, bits, num_classes, recipe="dlbhc", dropout=0.5):
+        super().__init__()
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        self.bits, self.num_classes, self.recipe = bits, num_classes, recipe
+        self.features = nn.Sequential(  # torchvision's AlexNet layout, so its state_dict keys load as they are
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        # fc6 and fc7 with their dropout and ReLU, indices as in torchvision's alexnet.classifier[0:6]
+        self.remain = nn.Sequential(
+            nn.Dropout(p=dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+        )
+        self.Linear1 = nn.Linear(4096, bits)
+        self.latent_norm = nn.BatchNorm1d(bits) if recipe == "bn" else nn.Identity()
+        self.Linear2 = nn.Linear(bits, num_classes)
+
+    def forward(self, images):
+        """images [B, 3, H, W] normalised, H, W >= 64 -> (codes [B, bits] in (0, 1), logits [B, C], fc7 [B, 4096])."""
+        x = self.avgpool(self.features(images))
+        fc7 = self.remain(torch.flatten(x, 1))
+        codes = torch.sigmoid(self.latent_norm(self.Linear1(fc7)))
+        return codes, self.Linear2(codes), fc7
+
+    def new_layers(self):
+        """Parameters that never come from ImageNet: trained with a higher learning rate when fine-tuning."""
+        return [*self.Linear1.parameters(), *self.latent_norm.parameters(), *self.Linear2.parameters()]
+
+
+def load_pretrained(model, spec):
+    """Put ImageNet AlexNet weights into features and fc6/fc7: spec is 'imagenet', 'none' or a state_dict path."""
+    if spec == "none":
+        return
+    if spec == "imagenet":
+        import torchvision
+
+        weights = torchvision.models.AlexNet_Weights.IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as err:  # URLError, timeouts, a corrupt cache file: all mean "not to be had here"
+            raise UserError(
+                f"the ImageNet AlexNet weights cannot be had ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                "train from scratch with --pretrained none, or give a local AlexNet state_dict with --pretrained PATH"
+            ) from err
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"--pretrained {spec}: no such file; use imagenet, none or the path of an AlexNet state_dict")
+        state = safe_load(path, "an AlexNet state_dict (save one with torch.save(torchvision.models.alexnet(...)"
+                                ".state_dict(), PATH))")
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"--pretrained {spec}: expected a state_dict (a dict of tensors)")
+    # torchvision names fc6/fc7 classifier.1 / classifier.4; here they are remain.1 / remain.4
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("features."):
+            mapped[key] = value
+        elif key.startswith(("classifier.1.", "classifier.4.")):
+            mapped["remain." + key[len("classifier."):]] = value
+    own = model.state_dict()
+    wanted = [k for k in own if k.startswith(("features.", "remain."))]
+    missing = [k for k in wanted if k not in mapped]
+    if missing or any(mapped[k].shape != own[k].shape for k in wanted):
+        raise UserError(f"--pretrained {spec}: not an AlexNet state_dict (missing or mismatched: {missing[:3] or 'shapes'})")
+    model.load_state_dict(mapped, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: a dict of plain values plus the unwrapped state_dict, loadable with weights_only=True
+
+
+def unwrapped_state_dict(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = getattr(model, "module", model)  # DataParallel / DDP
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path, model, **values):
+    """Write {format, state_dict, **values} atomically; values are plain Python (str, int, float, list, dict)."""
+    checkpoint = {"format": CHECKPOINT_FORMAT, "state_dict": unwrapped_state_dict(model), **values}
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def safe_load(path, what):
+    """torch.load with weights_only=True: tensors and plain values only, nothing in the file is ever run.
+
+    A pickle that would call anything else (os.system, a class's __reduce__) is refused with one line naming
+    what it asked for; any other unreadable file is named too. what says what the file was meant to be.
+    """
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        asked = re.search(r"GLOBAL (\S+)", str(err))
+        holds = f"asks to call {asked.group(1)}" if asked else "holds pickle instructions beyond tensors and plain values"
+        raise UserError(f"{path} was refused unread: it {holds}, which could run code; it is not {what} "
+                        "(unpickle only files you trust)") from err
+    except Exception as err:
+        detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:100]}" if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not {what} ({detail}); it may be truncated or another kind of file") from err
+
+
+def read_checkpoint(path):
+    """Load a checkpoint dict without running any code from the file (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist; train one with: python mytrain.py --bits BITS")
+    checkpoint = safe_load(path, "a checkpoint written by mytrain.py")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "bits" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint written by mytrain.py (no bits/state_dict)")
+    return checkpoint
+
+
+def build_model(checkpoint):
+    """Rebuild the network from a checkpoint's own values: nothing to ask the user again."""
+    model = AlexNetPlusLatent(checkpoint["bits"], len(checkpoint["classes"]), checkpoint.get("recipe", "dlbhc"),
+                              checkpoint.get("dropout", 0.5))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
+def load_model(path, bits=None):
+    """(model in eval mode on the CPU, checkpoint dict); refuses a model whose bits differ from `bits`."""
+    checkpoint = read_checkpoint(path)
+    if bits is not None and checkpoint["bits"] != bits:
+        raise UserError(f"{path} is a {checkpoint['bits']}-bit model but --bits {bits} was given; "
+                        f"use --bits {checkpoint['bits']} or another --model")
+    try:
+        return build_model(checkpoint).eval(), checkpoint
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a dict with bits that is not our model
+        raise UserError(f"{path} is not a checkpoint written by mytrain.py ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0][:100] if str(err).strip() else 'no detail'})") from err
+
+
+MODEL_NAME = re.compile(r"^(\d+)bits_(\d+\.\d+)(?:_(\d+))?\.pt$")
+
+
+def model_name(model_dir, bits, accuracy):
+    """model/<bits>bits_<test accuracy %>.pt, with _2, _3, ... where the name is taken: runs never overwrite."""
+    stem = f"{bits}bits_{100 * accuracy:.2f}"
+    path, n = Path(model_dir) / f"{stem}.pt", 1
+    while path.exists():
+        n += 1
+        path = Path(model_dir) / f"{stem}_{n}.pt"
+    return path
+
+
+def newest_model(model_dir, bits):
+    """The most recently written finished model for these bits, or a UserError saying how to get one."""
+    model_dir = Path(model_dir)
+    found = [p for p in model_dir.glob(f"{bits}bits_*.pt") if MODEL_NAME.match(p.name)] if model_dir.is_dir() else []
+    if not found:
+        raise UserError(f"no {bits}-bit model in {model_dir}/; train one with: python mytrain.py --bits {bits}, "
+                        "or name one with --model PATH")
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def elapsed(since):
+    return round(time.perf_counter() - since, 3)

@@ -1,0 +1,56 @@
+"""Small generated image sets in the repo's data layout, and a runner for the real command lines."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def class_image(label, rng, size=32):
+    """A size x size RGB image whose class shows in its colour and stripe direction, with noise on top."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    angle = np.pi * label / 4
+    stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.8 + rng.uniform(0, 6.3))
+    colour = np.array([(label * 97) % 256, (label * 57 + 80) % 256, (label * 151 + 40) % 256], dtype=np.float64)
+    image = 0.5 * colour + 0.5 * 255 * (stripes[..., None] > 0) + rng.normal(0, 20, (size, size, 3))
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root, classes=3, train_per_class=24, test_per_class=6, query_per_class=4, seed=0, size=32):
+    """data/image with trainlist, testlist, list.txt (= train split) and data/query with labelled list.txt."""
+    rng = np.random.default_rng(seed)
+    image_dir, query_dir = Path(root) / "image", Path(root) / "query"
+    lists = {"trainlist": [], "testlist": [], "query": []}
+    for label in range(classes):
+        for split, count, folder in (("trainlist", train_per_class, image_dir), ("testlist", test_per_class, image_dir),
+                                     ("query", query_per_class, query_dir)):
+            for i in range(count):
+                name = f"{split}/c{label}_{i}.png"
+                (folder / split).mkdir(parents=True, exist_ok=True)
+                class_image(label, rng, size).save(folder / name)
+                lists[split].append(f"{name} {label}\n")
+    (image_dir / "trainlist.txt").write_text("".join(lists["trainlist"]))
+    (image_dir / "testlist.txt").write_text("".join(lists["testlist"]))
+    (image_dir / "list.txt").write_text("".join(lists["trainlist"]))
+    (query_dir / "list.txt").write_text("".join(lists["query"]))
+    return Path(root)
+
+
+def run(*args, cwd=None, check=True, env=None):
+    """Run a repo script as a user would: python SCRIPT ARGS; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd or REPO, capture_output=True, text=True,
+                            env=full_env, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
