@@ -1,5 +1,6 @@
 """The first half of the pipeline through its real command lines: train, checkpoint, encode."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,7 +87,8 @@ def test_codes_match_the_model_thresholded_at_half(trained):
     run(REPO / "database.py", "--bits", 16, "--device", "cpu", "--workers", 0, "--out", "db2", cwd=root)
     for name in ("db_binary.npy", "query_binary.npy", "db_feature.npy"):
         assert (root / "db1" / name).read_bytes() == (root / "db2" / name).read_bytes()
-    model, checkpoint = net.load_model(next((root / "model").glob("*.pt")))
+    meta = json.loads((root / "db1/meta.json").read_text())
+    model, checkpoint = net.load_model(meta["model"] if Path(meta["model"]).is_absolute() else root / meta["model"])
     query_names = (root / "db1/query_names.txt").read_text().splitlines()
     images = np.stack([np.asarray(MyDataset.read_image(root / "data/query" / n)) for n in query_names[:4]])
     x = MyDataset.eval_transform(torch.from_numpy(images), 64, checkpoint["mean"], checkpoint["std"])

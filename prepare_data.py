@@ -1,0 +1,621 @@
+"""Make a data set in the layout every stage reads: data/image (training, test, database) and data/query.
+
+    python prepare_data.py fashion-mnist                    # 60,000 training/database images, 10,000 test/queries
+    python prepare_data.py fashion-mnist --limit-per-class 600 --limit-test-per-class 50    # the README's quick mode
+    python prepare_data.py cifar10                          # downloads through torchvision into --download-dir
+    python prepare_data.py cifar10 --source ~/cifar-10-batches-py     # the official python batches, already here
+    python prepare_data.py folder PATH --test-fraction 0.2 --seed 0   # PATH/<class>/**/<image>, label = <class>
+
+Writes under --data-root (default data/):
+    image/train/<label>/<name>          the training images: the training split and the database
+    image/test/<label>/<name>           the test images: accuracy during training
+    image/trainlist.txt, testlist.txt   <path relative to image/> <label>
+    image/list.txt                      the database: the same lines as trainlist.txt
+    query/test/<label>/<name>           the queries: copies of the test images
+    query/list.txt                      <path relative to query/> <label>: the same lines as testlist.txt
+    prepare_data.json                   the arguments, the classes (label -> name) and the counts
+
+The database is the training split only, so a query never finds itself in it. Fashion-MNIST and CIFAR-10 keep
+their official train/test splits and use the class index 0..9 as the label (the names are printed and stored in
+prepare_data.json). `folder` (and cifar10 with --source a folder of classes) labels each image with its class
+folder's name and splits every class by a seeded --test-fraction, unless the folder holds train/ and test/ folders
+of classes, whose split it keeps. --limit-per-class and --limit-test-per-class keep the first images of each class
+in the order of the source (for folder, of the sorted file names), so a smaller set is a subset of a larger one.
+
+Fashion-MNIST is read from the idx files in --source (default /usr/share/datasets/fashion-mnist, installed by the
+Debian package dataset-fashion-mnist; gzipped or not); only when they are absent does torchvision download them.
+
+Fashion-MNIST takes about 20 s on 2 CPU cores (80,000 PNG files: the test images are written twice, to image/
+and query/). Running the same command again gives the same files: images already there with the same content are
+left as they are (their mtimes too, so MyDataset's decoded cache stays valid). Anything already there that differs
+(a list file, an image) is refused unless --force; --force replaces the list files and images of the same names and
+leaves every other file in place.
+"""
+import argparse
+import codecs
+import gzip
+import io
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import re
+import shutil
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from MyDataset import IMAGE_SUFFIXES, sort_labels
+from net import UserError, common_args_parser, elapsed, print_args, run_main, write_json, write_text
+
+DATASETS = ("fashion-mnist", "cifar10", "folder")
+FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_FILES = {  # key -> idx file name without .gz
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{n}" for n in range(1, 6))
+CHUNK = 256  # images per task handed to a worker process
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("prepare_data.py", description=__doc__.split("\n")[0],
+                                     parents=[common_args_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("dataset", choices=DATASETS, help="what to prepare")
+    parser.add_argument("path", nargs="?", default=None, help="folder mode: the folder of class subfolders")
+    parser.add_argument("--source", default=None,
+                        help="where the data already is: fashion-mnist, the folder of the four idx files "
+                             f"(default: {FASHION_MNIST_SOURCE}); cifar10, the cifar-10-batches-py folder or a "
+                             "folder of class subfolders (default: download)")
+    parser.add_argument("--download-dir", default=None,
+                        help="where torchvision downloads to when --source lacks the data "
+                             "(default: <data-root>/download)")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="folder mode: share of each class that becomes test images and queries "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="folder mode: seed of the train/test split "
+                                                           "(default: %(default)s)")
+    parser.add_argument("--limit-per-class", type=int, default=None,
+                        help="keep the first N training images of each class (default: all)")
+    parser.add_argument("--limit-test-per-class", type=int, default=None,
+                        help="keep the first M test images (queries) of each class (default: all)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes encoding and writing images (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace list files and images that differ from what this command writes")
+    return parser
+
+
+def check_args(args):
+    if args.dataset == "folder" and args.path is None:
+        raise UserError("folder mode needs the folder: python prepare_data.py folder PATH")
+    if args.dataset != "folder" and args.path is not None:
+        raise UserError(f"{args.dataset} takes no PATH ({args.path}); give a local copy with --source {args.path}")
+    if args.dataset == "folder" and args.source is not None:
+        raise UserError("folder mode reads PATH; --source is for fashion-mnist and cifar10")
+    if not 0 < args.test_fraction < 1:
+        raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
+    for flag, value in (("--limit-per-class", args.limit_per_class),
+                        ("--limit-test-per-class", args.limit_test_per_class)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}; leave it out to keep every image")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a data set is made of
+
+
+@dataclass
+class Split:
+    """The images of one split: where each goes (names), its label token, and where its pixels come from."""
+    names: list  # paths relative to data/image (and data/query for the test split)
+    labels: list  # label tokens (str)
+    pixels: np.ndarray | None = None  # uint8 [N, H, W] or [N, H, W, 3], written as PNG
+    files: list | None = None  # image files copied byte for byte
+
+    def __len__(self):
+        return len(self.names)
+
+    def subset(self, rows):
+        return Split([self.names[i] for i in rows], [self.labels[i] for i in rows],
+                     None if self.pixels is None else self.pixels[rows],
+                     None if self.files is None else [self.files[i] for i in rows])
+
+
+@dataclass
+class Prepared:
+    classes: dict  # label token -> class name
+    train: Split
+    test: Split
+    source: str  # where the data was read from
+
+
+def array_split(split_name, pixels, labels):
+    """A Split of in-memory images; names keep each image's index in its official split: train/3/00042.png."""
+    tokens = [str(int(label)) for label in labels]
+    names = [f"{split_name}/{token}/{index:05d}.png" for index, token in enumerate(tokens)]
+    return Split(names, tokens, pixels=pixels)
+
+
+def first_per_class(labels, limit):
+    """Rows of the first `limit` images of each label, in their order: a deterministic subset."""
+    if limit is None:
+        return list(range(len(labels)))
+    taken, rows = Counter(), []
+    for row, label in enumerate(labels):
+        if taken[label] < limit:
+            taken[label] += 1
+            rows.append(row)
+    return rows
+
+
+def download_dir(args):
+    return Path(args.download_dir) if args.download_dir else Path(args.data_root) / "download"
+
+
+def first_line(err):
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:120]}" if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST: idx files
+
+
+def find_idx_files(folder):
+    """{key: path} where folder (or torchvision's folder/FashionMNIST/raw) holds all four idx files, else None."""
+    for base in (Path(folder), Path(folder) / "FashionMNIST" / "raw"):
+        found = {}
+        for key, stem in FASHION_MNIST_FILES.items():
+            for name in (stem + ".gz", stem):
+                if (base / name).is_file():
+                    found[key] = base / name
+                    break
+        if len(found) == len(FASHION_MNIST_FILES):
+            return found
+    return None
+
+
+def read_idx(path, ndim):
+    """An idx file of unsigned bytes as a uint8 array: [N, 28, 28] images (ndim 3) or [N] labels (ndim 1)."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path} cannot be read ({first_line(err)}); replace it with a good copy") from err
+    # header: two zero bytes, 0x08 (unsigned byte), the number of dimensions, then each dimension as big-endian uint32
+    if len(data) < 4 + 4 * ndim or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise UserError(f"{path} is not an idx file of bytes with {ndim} dimension(s); replace it with a good copy")
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = 4 + 4 * ndim + math.prod(shape)
+    if len(data) != expected:
+        raise UserError(f"{path} holds {len(data)} bytes where its header {shape} needs {expected}; "
+                        "it is truncated or corrupt, replace it with a good copy")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def idx_split(split_name, images_path, labels_path):
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)  # [N, 28, 28], [N]
+    if len(images) != len(labels):
+        raise UserError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels; "
+                        "the files do not belong together")
+    if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise UserError(f"{labels_path} holds label {labels.max()}; Fashion-MNIST has 10 classes (0..9)")
+    return array_split(split_name, images, labels)
+
+
+def load_fashion_mnist(args):
+    source = Path(args.source or FASHION_MNIST_SOURCE)
+    cache = download_dir(args)
+    files = find_idx_files(source) or find_idx_files(cache)
+    if files is None:
+        print(f"no Fashion-MNIST idx files in {source}; downloading through torchvision into {cache}", flush=True)
+        import torchvision  # only here: importing this module never reaches the network
+
+        try:
+            torchvision.datasets.FashionMNIST(root=str(cache), train=True, download=True)
+        except Exception as err:  # URLError, timeouts, a bad checksum: all mean "not to be had here"
+            raise UserError(f"no Fashion-MNIST idx files in --source {source} and the download failed "
+                            f"({first_line(err)}); install the Debian package dataset-fashion-mnist or give "
+                            "--source FOLDER holding the four idx files (.gz or not)") from err
+        files = find_idx_files(cache)
+        if files is None:
+            raise UserError(f"torchvision downloaded Fashion-MNIST but {cache}/FashionMNIST/raw lacks the idx files; "
+                            "remove that folder and run again")
+    train = idx_split("train", files["train_images"], files["train_labels"])
+    test = idx_split("test", files["test_images"], files["test_labels"])
+    classes = {str(i): name for i, name in enumerate(FASHION_MNIST_CLASSES)}
+    return Prepared(classes, train, test, str(files["train_images"].parent))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR-10: the official python batches, or a folder of class subfolders
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR-10 python batches and nothing else.
+
+    The python version of CIFAR-10 is only distributed as pickled dicts, so reading it needs pickle: the one place
+    in this repository that unpickles. Unpickling can run any code a file names, so only the few names those dicts
+    need (numpy arrays, the bytes codec) are allowed; any other file is refused instead of executed.
+    """
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+        return self.ALLOWED[(module, name)]
+
+
+def read_batch(path):
+    """(images uint8 [N, 32, 32, 3], labels [N]) of one CIFAR-10 batch file."""
+    try:
+        with open(path, "rb") as f:
+            # encoding="bytes": the batches were pickled by Python 2; their str keys come back as bytes
+            batch = BatchUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, IndexError) as err:
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({first_line(err)}); "
+                        "give --source the cifar-10-batches-py folder of the official python version") from err
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise UserError(f"{path} holds data {data.shape} and {len(labels)} labels, expected [N, 3072] and N")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
+        raise UserError(f"{path} holds label {labels.max()}; CIFAR-10 has 10 classes (0..9)")
+    # each row is the red plane, then green, then blue, 32x32 each: [N, 3, 32, 32] -> [N, 32, 32, 3]
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
+
+
+def find_cifar_batches(folder):
+    """The folder holding data_batch_1..5 and test_batch: folder itself or folder/cifar-10-batches-py, else None."""
+    for base in (Path(folder), Path(folder) / "cifar-10-batches-py"):
+        if all((base / name).is_file() for name in (*CIFAR10_TRAIN_BATCHES, "test_batch")):
+            return base
+    return None
+
+
+def load_cifar10(args):
+    if args.source is not None:
+        source = Path(args.source)
+        batches = find_cifar_batches(source)
+        if batches is None:
+            if not source.is_dir():
+                raise UserError(f"--source {source} does not exist; give the cifar-10-batches-py folder or a folder "
+                                "of class subfolders, or leave --source out to download")
+            return load_folder(source, args)
+    else:
+        cache = download_dir(args)
+        batches = find_cifar_batches(cache)
+        if batches is None:
+            print(f"downloading CIFAR-10 through torchvision into {cache}", flush=True)
+            import torchvision  # only here: importing this module never reaches the network
+
+            try:
+                torchvision.datasets.CIFAR10(root=str(cache), train=True, download=True)
+            except Exception as err:
+                raise UserError(f"CIFAR-10 could not be downloaded ({first_line(err)}); give --source with the "
+                                "cifar-10-batches-py folder or a folder of class subfolders") from err
+            batches = find_cifar_batches(cache)
+            if batches is None:
+                raise UserError(f"torchvision downloaded CIFAR-10 but {cache}/cifar-10-batches-py is incomplete; "
+                                "remove it and run again")
+    parts = [read_batch(batches / name) for name in CIFAR10_TRAIN_BATCHES]
+    train = array_split("train", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    test = array_split("test", *read_batch(batches / "test_batch"))
+    classes = {str(i): name for i, name in enumerate(CIFAR10_CLASSES)}
+    return Prepared(classes, train, test, str(batches))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A folder of class subfolders
+
+
+def is_hidden(name):
+    return name.startswith(".")
+
+
+def class_files(folder):
+    """{class folder name: [image paths relative to that class folder, sorted]} for the class subfolders of folder.
+
+    Images are files with a suffix in MyDataset.IMAGE_SUFFIXES, found recursively; hidden files and folders
+    (.cache, .DS_Store) are skipped. Symlinked folders are not followed.
+    """
+    folder = Path(folder)
+    found = {}
+    loose = 0
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if is_hidden(entry.name):
+            continue
+        if entry.is_file():
+            loose += Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            continue
+        if not entry.is_dir(follow_symlinks=True):
+            continue
+        images = []
+        for root, dirs, files in os.walk(entry.path):
+            dirs[:] = [d for d in dirs if not is_hidden(d)]
+            relative = Path(root).relative_to(entry.path)
+            images += [(relative / name).as_posix() for name in files
+                       if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        if images:
+            found[entry.name] = sorted(images)
+        else:
+            print(f"note: {entry.path} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}); not a class", flush=True)
+    if loose:
+        print(f"note: {loose} image(s) directly in {folder} belong to no class folder and are left out", flush=True)
+    return found
+
+
+def label_token(text):
+    """A class folder's name (or a file's path) as a list-file token: whitespace separates fields, so it becomes '_'."""
+    return re.sub(r"\s+", "_", text)
+
+
+def token_map(class_names, folder):
+    tokens = {}
+    for name in class_names:
+        token = label_token(name)
+        if token in tokens.values():
+            other = next(n for n, t in tokens.items() if t == token)
+            raise UserError(f"class folders {other!r} and {name!r} in {folder} give the same label {token!r}; "
+                            "rename one of them")
+        tokens[name] = token
+    return tokens
+
+
+def split_rows(count, fraction, seed, token):
+    """(train rows, test rows) of one class of `count` images, both sorted.
+
+    Each class draws from its own generator, seeded by --seed and the label, so adding or removing a class leaves
+    the split of every other class as it was. At least one image stays in training.
+    """
+    test_count = min(max(int(count * fraction + 0.5), 1 if count >= 2 else 0), count - 1)
+    order = np.random.default_rng([seed, zlib.crc32(token.encode("utf-8"))]).permutation(count)
+    return sorted(order[test_count:].tolist()), sorted(order[:test_count].tolist())
+
+
+def files_split(split_name, folder, picked, tokens):
+    """A Split copying files; picked: [(class folder name, path relative to it)]. Names stay unique."""
+    names, labels, files, taken = [], [], [], set()
+    for class_name, relative in picked:
+        token = tokens[class_name]
+        name = f"{split_name}/{token}/{label_token(relative)}"
+        suffix = Path(name).suffix
+        stem, n = name[:len(name) - len(suffix)], 1
+        while name.lower() in taken:  # 'a b.png' and 'a_b.png', or names differing only in case
+            n += 1
+            name = f"{stem}_{n}{suffix}"
+        taken.add(name.lower())
+        names.append(name)
+        labels.append(token)
+        files.append(str(Path(folder) / class_name / relative))
+    return Split(names, labels, files=files)
+
+
+def check_overlap(folder, data_root):
+    folder, data_root = Path(folder).resolve(), Path(data_root).resolve()
+    for written in (data_root / "image", data_root / "query"):
+        if written == folder or written.is_relative_to(folder) or folder.is_relative_to(written):
+            raise UserError(f"{folder} and --data-root {data_root} overlap ({written} would be read and written); "
+                            "choose another --data-root")
+
+
+def load_folder(folder, args):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; give a folder of class subfolders: PATH/<class>/<image>")
+    check_overlap(folder, args.data_root)
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        print(f"{folder} holds train/ and test/: keeping that split (--test-fraction and --seed unused)", flush=True)
+        train_found, test_found = class_files(folder / "train"), class_files(folder / "test")
+        unseen = sorted(set(test_found) - set(train_found))
+        if unseen:
+            raise UserError(f"{folder / 'test'} has classes that {folder / 'train'} lacks ({', '.join(unseen[:5])}); "
+                            "every test class must be a training class")
+        tokens = token_map(train_found, folder / "train")
+        train = files_split("train", folder / "train", [(c, p) for c in train_found for p in train_found[c]], tokens)
+        test = files_split("test", folder / "test", [(c, p) for c in test_found for p in test_found[c]], tokens)
+    else:
+        found = class_files(folder)
+        tokens = token_map(found, folder)
+        train_picked, test_picked = [], []
+        for class_name, paths in found.items():
+            train_rows, test_rows = split_rows(len(paths), args.test_fraction, args.seed, tokens[class_name])
+            train_picked += [(class_name, paths[row]) for row in train_rows]
+            test_picked += [(class_name, paths[row]) for row in test_rows]
+            if not test_rows:
+                print(f"note: class {class_name!r} has a single image: it is in training only", flush=True)
+        train = files_split("train", folder, train_picked, tokens)
+        test = files_split("test", folder, test_picked, tokens)
+    if len(train) == 0:
+        raise UserError(f"{folder} holds no class subfolder with images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                        "arrange it as PATH/<class>/<image>")
+    classes = {token: name for name, token in tokens.items()}
+    return Prepared(classes, train, test, str(folder))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: images in worker processes, then the list files
+
+
+def png_bytes(pixels):
+    """uint8 [H, W] (mode L) or [H, W, 3] (RGB) as PNG bytes; the same pixels always give the same bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def holds(path, data, pixels):
+    """True when the file at path holds these bytes, or (PNG written by another Pillow) these very pixels."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return True
+        if pixels is None:
+            return False
+        with Image.open(path) as image:
+            return image.format == "PNG" and np.array_equal(np.asarray(image), pixels)
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def store(path, data, pixels, force, like=None):
+    """Write data to path unless it already holds it: 'written' or 'unchanged'.
+
+    A different file already there is a UserError unless force. The bytes go to a fixed temporary name that is
+    renamed onto path, so a killed run leaves whole images (and at most one stray .tmp per image, reused next time).
+    like: a file whose mtime the copy takes, as shutil.copy2 does.
+    """
+    if os.path.lexists(path):
+        if holds(path, data, pixels):
+            return "unchanged"
+        if not force:
+            raise UserError(f"{path} already exists and differs from the image this command writes; "
+                            "pass --force to overwrite it, or choose another --data-root")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    if like is not None:
+        shutil.copystat(like, tmp)
+    os.replace(tmp, path)
+    return "written"
+
+
+def write_chunk(task):
+    """Worker: write one chunk of a split into each of its folders. Returns (images, Counter of outcomes)."""
+    folders, names, pixels, files, force = task
+    outcomes = Counter()
+    for i, name in enumerate(names):
+        if pixels is not None:
+            data, like, image = png_bytes(pixels[i]), None, pixels[i]
+        else:
+            try:
+                data, like, image = Path(files[i]).read_bytes(), files[i], None
+            except OSError as err:
+                raise UserError(f"{files[i]} cannot be read ({first_line(err)})") from None
+        for folder in folders:
+            outcomes[store(Path(folder) / name, data, image, force, like)] += 1
+    return len(names), outcomes
+
+
+def image_tasks(split, folders, force):
+    for start in range(0, len(split), CHUNK):
+        stop = start + CHUNK
+        yield (folders, split.names[start:stop], None if split.pixels is None else split.pixels[start:stop],
+               None if split.files is None else split.files[start:stop], force)
+
+
+def write_images(parts, workers, force):
+    """parts: [(Split, [folders])]. Writes every image into each of its folders; returns a Counter of outcomes."""
+    for split, folders in parts:
+        for parent in sorted({os.path.dirname(name) for name in split.names}):
+            for folder in folders:
+                (Path(folder) / parent).mkdir(parents=True, exist_ok=True)
+    tasks = [task for split, folders in parts for task in image_tasks(split, [str(f) for f in folders], force)]
+    total = sum(len(split) for split, _ in parts)
+    outcomes = Counter()
+    with tqdm(total=total, desc="write images", unit="img", mininterval=1) as bar:
+        if workers == 1 or len(tasks) == 1:
+            results = map(write_chunk, tasks)
+            for count, counted in results:
+                bar.update(count)
+                outcomes.update(counted)
+        else:
+            with multiprocessing.get_context().Pool(min(workers, len(tasks))) as pool:
+                for count, counted in pool.imap_unordered(write_chunk, tasks):
+                    bar.update(count)
+                    outcomes.update(counted)
+    return outcomes
+
+
+def list_text(split):
+    return "".join(f"{name} {label}\n" for name, label in zip(split.names, split.labels))
+
+
+def per_class(labels):
+    counted = Counter(labels)
+    return {label: counted[label] for label in sort_labels(counted)}
+
+
+def refuse_differing_lists(lists, force):
+    """Stop before writing anything when a list file already there differs from the one this command writes."""
+    for path, text in lists.items():
+        if path.is_file() and path.read_bytes() != text.encode("utf-8") and not force:
+            raise UserError(f"{path} already exists and differs from the list this command writes; pass --force to "
+                            "replace it (and the images of the same names), or choose another --data-root")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load(args):
+    if args.dataset == "fashion-mnist":
+        return load_fashion_mnist(args)
+    if args.dataset == "cifar10":
+        return load_cifar10(args)
+    return load_folder(args.path, args)
+
+
+def main():
+    args = get_args_parser().parse_args()
+    check_args(args)
+    print_args(args)
+    started = time.perf_counter()
+    prepared = load(args)
+    train = prepared.train.subset(first_per_class(prepared.train.labels, args.limit_per_class))
+    test = prepared.test.subset(first_per_class(prepared.test.labels, args.limit_test_per_class))
+    if len(train) == 0 or len(test) == 0:
+        raise UserError(f"{prepared.source} gives {len(train)} training and {len(test)} test image(s); "
+                        "both splits need at least one")
+    unseen = sorted(set(test.labels) - set(train.labels))
+    if unseen:
+        raise UserError(f"test label(s) {', '.join(unseen[:5])} have no training image; every test class needs one")
+    image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
+    lists = {
+        image_folder / "trainlist.txt": list_text(train),
+        image_folder / "testlist.txt": list_text(test),
+        image_folder / "list.txt": list_text(train),  # the database is the training split: queries are not in it
+        query_folder / "list.txt": list_text(test),
+    }
+    refuse_differing_lists(lists, args.force)
+    classes = {label: prepared.classes[label] for label in sort_labels(prepared.classes)}
+    print("classes (label: name):", ", ".join(f"{label}: {name}" for label, name in classes.items()), flush=True)
+    outcomes = write_images([(train, [image_folder]), (test, [image_folder, query_folder])], args.workers, args.force)
+    for path, text in lists.items():  # last, so that a list never names an image not yet written
+        if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
+            write_text(path, text)
+    counts = {
+        "train": len(train), "test": len(test), "database": len(train), "queries": len(test),
+        "train_per_class": per_class(train.labels),
+        "test_per_class": per_class(test.labels),
+    }
+    write_json(Path(args.data_root) / "prepare_data.json",
+               {"dataset": args.dataset, "source": prepared.source, "classes": classes, "counts": counts,
+                "args": vars(args)})
+    summary = {"data_root": args.data_root, "classes": len(classes),
+               **{k: v for k, v in counts.items() if not k.endswith("per_class")},
+               "files_written": outcomes["written"], "files_unchanged": outcomes["unchanged"],
+               "seconds": elapsed(started)}
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
