@@ -14,7 +14,7 @@ import hashlib
 import math
 import os
 import shutil
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +68,9 @@ def read_list(list_path, need_label):
     for entry in entries:
         duplicates += entry.path in seen
         seen.add(entry.path)
-    if duplicates:
-        warnings.warn(f"{list_path}: {duplicates} duplicate path(s); each is used as often as it is listed",
-                      stacklevel=2)
+    if duplicates:  # printed, not warnings.warn: PYTHONWARNINGS=ignore must not hide it, and it stays one line
+        print(f"warning: {list_path}: {duplicates} duplicate path(s); each is used as often as it is listed",
+              file=sys.stderr, flush=True)
     return entries
 
 
@@ -356,19 +356,21 @@ class ImageSource:
     workers decode and resize; use it for collections too large for the cache's disk or memory.
     Images that fail (missing, empty, not an image, broken further in) are an error naming the file, or with
     skip_bad are left out: `bad` lists them and `keep` holds the indices of the entries that take part.
+    checked is check_images' (sizes, bad) when the caller read every list's headers before decoding any of them.
     """
 
     def __init__(self, folder, entries, labels, img_size, name, workers=2, skip_bad=False, cache=True,
-                 device=torch.device("cpu")):
+                 device=torch.device("cpu"), checked=None):
         self.folder, self.entries, self.name = Path(folder), entries, name
-        self.workers, self.device, self.cache = workers, device, cache
-        sizes, self.bad = check_images(folder, entries, skip_bad)
+        self.workers, self.device, self.cache, self.skip_bad = workers, device, cache, skip_bad
+        sizes, self.bad = checked if checked is not None else check_images(folder, entries, skip_bad)
         self.size = store_size(sizes, img_size)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.images = None
         if cache:
             images, decode_bad = decoded_images(folder, entries, self.size, name, workers, skip_bad)
-            self.bad = sorted(set(self.bad) | set(decode_bad))
+            # one entry per image: the header check's message wins over the decoder's for the same file
+            self.bad = sorted({**dict(decode_bad), **dict(self.bad)}.items())
             self.images = self._resident(images)
         bad_index = {i for i, _ in self.bad}
         self.keep = np.array([i for i in range(len(entries)) if i not in bad_index], dtype=np.int64)
@@ -417,9 +419,20 @@ class ImageSource:
         batch_sampler = [sampler_order[s:s + batch_size] for s in range(0, len(sampler_order), batch_size)]
         stream = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda")
+        late_bad = {}  # entry index -> message, for images whose data broke only when decoded here
         for positions, (images, batch_labels, errors) in zip(batch_sampler, stream):
-            for message in errors:
-                if message:
-                    raise UserError(f"{message}; fix or remove it, or pass --skip-bad")
+            failed = [k for k, message in enumerate(errors) if message]
+            if failed and not self.skip_bad:
+                raise UserError(f"{errors[failed[0]]}; fix or remove it, or pass --skip-bad")
+            if failed:  # left out of this batch, and of `keep` once the pass is over
+                late_bad.update({int(self.keep[positions[k]]): errors[k] for k in failed})
+                good = torch.tensor([not message for message in errors])
+                images, batch_labels = images[good], batch_labels[good]
+                positions = [p for p, ok in zip(positions, good.tolist()) if ok]
+                if not positions:
+                    continue
             yield (images.to(self.device, non_blocking=True), batch_labels.to(self.device, non_blocking=True),
-                   torch.tensor(positions))
+                   torch.tensor(positions, dtype=torch.int64))
+        if late_bad:
+            self.bad = sorted({**late_bad, **dict(self.bad)}.items())
+            self.keep = np.array([i for i in self.keep if i not in late_bad], dtype=np.int64)

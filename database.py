@@ -57,13 +57,15 @@ def get_args_parser():
 def encode(model, checkpoint, source, device, batch_size):
     """Codes and fc7 for every image of an ImageSource: (packed uint8 [N, ceil(bits/8)], float16 [N, 4096]).
 
-    N is len(source) (bad images left out), in list order.
+    N is len(source) (bad images left out), in list order. Streaming (--no-cache --skip-bad) can find an image
+    broken only when decoded: its row is dropped here, as the source drops it from source.keep.
     """
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     codes = np.zeros((len(source), (checkpoint["bits"] + 7) // 8), dtype=np.uint8)
     features = np.zeros((len(source), 4096), dtype=np.float16)
+    encoded = np.zeros(len(source), dtype=bool)
     bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1)
     for images, _, positions in source.batches(batch_size):
         x = MyDataset.eval_transform(images, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
@@ -72,9 +74,10 @@ def encode(model, checkpoint, source, device, batch_size):
         rows = positions.numpy()
         codes[rows] = np.packbits((sigmoid.float() > 0.5).cpu().numpy(), axis=1)  # [B, bits] bool -> [B, bytes]
         features[rows] = fc7.float().cpu().numpy().astype(np.float16)
+        encoded[rows] = True
         bar.update(len(rows))
     bar.close()
-    return codes, features
+    return codes[encoded], features[encoded]
 
 
 def known_labels(image_folder):
@@ -111,7 +114,12 @@ def write_database(out, parts, meta):
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "previous")  # an instant away from the new one; still on disk until the swap
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:  # the swap itself failed: put the previous database back where it was
+                os.replace(old / "previous", out)
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -184,7 +192,10 @@ def load_database(folder, bits, features=False):
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"database folder {folder} does not exist; build it with: python database.py --bits {bits}")
+        # a database.py killed between its two renames leaves the previous database in .<name>.*.old/previous
+        aside = sorted(folder.parent.glob(f".{folder.name}.*.old/previous"))
+        hint = f" (an interrupted run left the previous one in {aside[-1]}: mv it back to {folder})" if aside else ""
+        raise UserError(f"database folder {folder} does not exist{hint}; build it with: python database.py --bits {bits}")
     meta = read_meta(folder)
     if int(meta["bits"]) != bits:
         raise UserError(f"{folder} holds {meta['bits']}-bit codes but --bits {bits} was given; use --bits {meta['bits']} "
@@ -226,12 +237,14 @@ def main():
     db_labels, every = MyDataset.retrieval_labels(db_entries, checkpoint["classes"], known)
     # queries take labels only from their own list; unseen ones extend the same index after the database's
     query_labels, every = MyDataset.retrieval_labels(query_entries, every, {})
-    # every header in both lists is checked before the first batch is encoded
+    # every header in both lists is checked before either list is decoded or its first batch encoded
+    lists = (("db", image_folder, db_entries, db_labels), ("query", query_folder, query_entries, query_labels))
+    checked = {part: MyDataset.check_images(folder, entries, args.skip_bad) for part, folder, entries, _ in lists}
     sources = {}
-    for part, folder, entries, labels in (("db", image_folder, db_entries, db_labels),
-                                          ("query", query_folder, query_entries, query_labels)):
+    for part, folder, entries, labels in lists:
         sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
-                                              args.workers, args.skip_bad, not args.no_cache, device)
+                                              args.workers, args.skip_bad, not args.no_cache, device,
+                                              checked=checked[part])
     parts, bad = {}, []
     for part, source in sources.items():
         codes, features = encode(model, checkpoint, source, device, args.batch_size)

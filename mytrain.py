@@ -33,8 +33,9 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (default: 3e-4 for AdamW, 0.01 for SGD); new layers get 10x when pretrained")
-    parser.add_argument("--new-lr-scale", type=float, default=10.0,
-                        help="learning-rate multiplier of the latent and classifier layers, as DLBHC's solver (default: %(default)s)")
+    parser.add_argument("--new-lr-scale", type=float, default=None,
+                        help="learning-rate multiplier of the latent and classifier layers when the rest is pretrained, "
+                             "as in DLBHC's solver (default: 10 with --pretrained, 1 from scratch)")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, in epochs, before cosine decay (default: %(default)s)")
@@ -69,6 +70,8 @@ def check_args(args):
         raise UserError("--epochs and --batch-size must be at least 1")
     if args.lr is None:
         args.lr = 3e-4 if args.optimizer == "adamw" else 0.01
+    if args.new_lr_scale is None:
+        args.new_lr_scale = 1.0 if args.pretrained == "none" else 10.0
     if args.dropout is None:
         args.dropout = 0.5 if args.recipe == "dlbhc" else 0.0
 
@@ -76,8 +79,7 @@ def check_args(args):
 def make_optimizer(model, args):
     """The new layers (latent, classifier) learn args.new_lr_scale times faster, as in DLBHC's solver.
 
-    From scratch this matters too: the classifier reads sigmoid outputs in (0, 1), so its weights must grow large
-    before the loss can fall.
+    From scratch every layer is new and all learn at one rate (measured: 10x there lowered accuracy, README).
     """
     new = {id(p) for p in model.new_layers()}
     groups = [
@@ -126,8 +128,8 @@ def find_resume(model_dir, bits):
     return runs[-1] if runs else None
 
 
-def train_sources(args, device):
-    """The training and test ImageSources, every list line parsed and every header read before epoch 1."""
+def training_lists(args):
+    """(folder, (train entries, label indices), (test entries, label indices), classes): cheap, before any decoding."""
     folder = Path(args.data_root) / "image"
     train_entries = MyDataset.read_list(folder / "trainlist.txt", need_label=True)
     test_entries = MyDataset.read_list(folder / "testlist.txt", need_label=True)
@@ -136,10 +138,30 @@ def train_sources(args, device):
         raise UserError(f"{folder / 'trainlist.txt'} has {len(classes)} class; training a classifier needs at least 2")
     train_labels = MyDataset.class_indices(train_entries, classes, folder / "trainlist.txt")
     test_labels = MyDataset.class_indices(test_entries, classes, folder / "testlist.txt")
+    return folder, (train_entries, train_labels), (test_entries, test_labels), classes
+
+
+def train_sources(args, lists, device):
+    """The training and test ImageSources of training_lists(args), every header read before either is decoded."""
+    folder, (train_entries, train_labels), (test_entries, test_labels), _ = lists
     common = dict(workers=args.workers, skip_bad=args.skip_bad, cache=not args.no_cache, device=device)
-    train = MyDataset.ImageSource(folder, train_entries, train_labels, args.img_size, "trainlist", **common)
-    test = MyDataset.ImageSource(folder, test_entries, test_labels, args.img_size, "testlist", **common)
-    return train, test, classes
+    # both lists' headers are read before either is decoded: a bad test image fails in seconds, not after the decode
+    train_checked = MyDataset.check_images(folder, train_entries, args.skip_bad)
+    test_checked = MyDataset.check_images(folder, test_entries, args.skip_bad)
+    train = MyDataset.ImageSource(folder, train_entries, train_labels, args.img_size, "trainlist",
+                                  checked=train_checked, **common)
+    test = MyDataset.ImageSource(folder, test_entries, test_labels, args.img_size, "testlist",
+                                 checked=test_checked, **common)
+    return train, test
+
+
+def report_bad(sources, result_dir):
+    """Write result/bad_images.txt and say how many images --skip-bad left out; returns that number."""
+    bad = [message for source in sources for _, message in source.bad]
+    if bad:
+        write_text(Path(result_dir) / "bad_images.txt", "".join(m + "\n" for m in bad))
+        print(f"skipped {len(bad)} unreadable image(s), listed in {Path(result_dir) / 'bad_images.txt'}")
+    return len(bad)
 
 
 def main():
@@ -156,22 +178,23 @@ def main():
             raise UserError(f"{resume_path} is not a resume state written by mytrain.py; delete it and start afresh")
         kept = {k: getattr(args, k) for k in ("device", "workers", "debug", "resume")}
         args = argparse.Namespace(**{**state["args"], **kept})
-        print(f"resuming {resume_path} from epoch {state['epoch'] + 1} of {args.epochs}")
+        # state["epoch"] is the 0-based index of the last completed epoch; the log counts from 1
+        print(f"resuming {resume_path} from epoch {state['epoch'] + 2} of {args.epochs} "
+              f"({state['epoch'] + 1} completed)")
     check_args(args)
     print_args(args)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    train, test, classes = train_sources(args, device)
-    bad = [message for source in (train, test) for _, message in source.bad]
-    if bad:
-        write_text(Path(args.result) / "bad_images.txt", "".join(m + "\n" for m in bad))
-        print(f"skipped {len(bad)} unreadable image(s), listed in {Path(args.result) / 'bad_images.txt'}")
-
+    lists = training_lists(args)
+    classes = lists[-1]
     model = AlexNetPlusLatent(args.bits, len(classes), args.recipe, args.dropout)
-    if state is None:
+    if state is None:  # before any decoding: missing weights are known in seconds
         load_pretrained(model, args.pretrained)
+    train, test = train_sources(args, lists, device)
+    bad_count = report_bad((train, test), args.result)
+
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -186,6 +209,10 @@ def main():
         start_epoch, train_seconds, run_stem = state["epoch"] + 1, state["train_seconds"], state["run_stem"]
     resume_path = model_dir / f"{run_stem}.resume"
     log_path = model_dir / f"{run_stem}.jsonl"
+    if state is not None and log_path.exists():  # a kill after an epoch's log line but before its resume state
+        kept_lines = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                      if line.endswith("\n") and json.loads(line)["epoch"] <= start_epoch]
+        write_text(log_path, "".join(kept_lines))
     step_model = torch.compile(model) if args.compile else model
 
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
@@ -198,6 +225,8 @@ def main():
         bar = MyDataset.tqdm(train.batches(args.batch_size, generator), total=steps_per_epoch, leave=False,
                              desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
         for i, (images, labels, _) in enumerate(bar):
+            if len(labels) < 2 and args.recipe == "bn":  # BatchNorm cannot train on one image (N % batch == 1)
+                continue
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps_per_epoch, args) * group["lr_scale"]
@@ -227,6 +256,8 @@ def main():
                         "run_stem": run_stem, "args": vars(args)}
         atomic_write(resume_path, lambda tmp: torch.save(resume_state, tmp))
 
+    if sum(len(source.bad) for source in (train, test)) > bad_count:  # streamed images that broke when decoded
+        report_bad((train, test), args.result)
     if test_accuracy is None:  # resumed a run whose last epoch had completed: measure it again
         test_accuracy = accuracy(model, test, args.img_size, device, args.batch_size)
     path = model_name(model_dir, args.bits, test_accuracy)

@@ -12,6 +12,7 @@ Importing it does nothing: no download, no file written, no CUDA initialised.
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +30,10 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RECIPES = ("dlbhc", "bn")  # the paper's network; a BatchNorm before the latent sigmoid (see README, Quality)
+# dlbhc: the paper's network; bn: a BatchNorm1d before the latent sigmoid; bnconv: that and a BatchNorm2d after
+# every conv layer (README, Quality)
+RECIPES = ("dlbhc", "bn", "bnconv")
+TORCHVISION_CONVS = (0, 3, 6, 8, 10)  # indices of the conv layers in torchvision's alexnet.features
 CHECKPOINT_FORMAT = 1
 
 
@@ -60,6 +64,13 @@ def run_main(main):
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        # a full disk, a read-only or forbidden folder: the user's to fix, and nothing half-written is left behind
+        if debug or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        print(f"error: {err.filename or 'a file'}: {err.strerror}; free space, fix permissions "
+              "or choose another folder (--out, --model-dir, --result)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:
@@ -137,6 +148,25 @@ def sha256_file(path):
 # The network
 
 
+def alexnet_features(batchnorm):
+    """AlexNet's conv stack (torchvision's layout), optionally with a BatchNorm2d after each conv.
+
+    Returns (nn.Sequential, indices of the conv layers in it), so ImageNet weights load into either form.
+    """
+    layers, conv_indices = [], []
+    for cin, cout, kernel, stride, padding, pool in ((3, 64, 11, 4, 2, True), (64, 192, 5, 1, 2, True),
+                                                     (192, 384, 3, 1, 1, False), (384, 256, 3, 1, 1, False),
+                                                     (256, 256, 3, 1, 1, True)):
+        conv_indices.append(len(layers))
+        layers.append(nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride, padding=padding))
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.ReLU(inplace=True))
+        if pool:
+            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+    return nn.Sequential(*layers), tuple(conv_indices)
+
+
 class AlexNetPlusLatent(nn.Module):
     """AlexNet features, fc6, fc7, a latent Linear(4096, bits) + sigmoid, and a Linear(bits, classes) classifier.
 
@@ -149,16 +179,7 @@ class AlexNetPlusLatent(nn.Module):
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
         self.bits, self.num_classes, self.recipe = bits, num_classes, recipe
-        self.features = nn.Sequential(  # torchvision's AlexNet layout, so its state_dict keys load as they are
-            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-        )
+        self.features, self.conv_indices = alexnet_features(batchnorm=recipe == "bnconv")
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         # fc6 and fc7 with their dropout and ReLU, indices as in torchvision's alexnet.classifier[0:6]
         self.remain = nn.Sequential(
@@ -166,7 +187,7 @@ class AlexNetPlusLatent(nn.Module):
             nn.Dropout(p=dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
         )
         self.Linear1 = nn.Linear(4096, bits)
-        self.latent_norm = nn.BatchNorm1d(bits) if recipe == "bn" else nn.Identity()
+        self.latent_norm = nn.BatchNorm1d(bits) if recipe in ("bn", "bnconv") else nn.Identity()
         self.Linear2 = nn.Linear(bits, num_classes)
 
     def forward(self, images):
@@ -208,13 +229,16 @@ def load_pretrained(model, spec):
         raise UserError(f"--pretrained {spec}: expected a state_dict (a dict of tensors)")
     # torchvision names fc6/fc7 classifier.1 / classifier.4; here they are remain.1 / remain.4
     mapped = {}
+    conv_position = dict(zip(TORCHVISION_CONVS, model.conv_indices))
     for key, value in state.items():
-        if key.startswith("features."):
-            mapped[key] = value
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "features" and parts[1].isdigit() and int(parts[1]) in conv_position:
+            mapped[f"features.{conv_position[int(parts[1])]}.{parts[2]}"] = value
         elif key.startswith(("classifier.1.", "classifier.4.")):
             mapped["remain." + key[len("classifier."):]] = value
     own = model.state_dict()
-    wanted = [k for k in own if k.startswith(("features.", "remain."))]
+    wanted = [f"{layer}.{name}" for layer in [f"features.{i}" for i in model.conv_indices] + ["remain.1", "remain.4"]
+              for name in ("weight", "bias")]
     missing = [k for k in wanted if k not in mapped]
     if missing or any(mapped[k].shape != own[k].shape for k in wanted):
         raise UserError(f"--pretrained {spec}: not an AlexNet state_dict (missing or mismatched: {missing[:3] or 'shapes'})")
