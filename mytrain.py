@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import MyDataset
 from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, AlexNetPlusLatent, UserError, atomic_write, autocast,
-                 common_args_parser, elapsed, load_pretrained, model_name, pick_device, print_args, run_main,
+                 common_args_parser, load_pretrained, model_name, pick_device, print_args, run_main,
                  safe_load, save_checkpoint, unwrapped_state_dict, write_text)
 
 
@@ -44,9 +44,10 @@ def get_args_parser():
                         help="weight of SSDH's term pushing latent outputs toward 0 or 1 (default: %(default)s)")
     parser.add_argument("--balance", type=float, default=0.0,
                         help="weight of SSDH's term pushing each bit toward 50%% activation (default: %(default)s)")
-    parser.add_argument("--dropout", type=float, default=None, help="fc6/fc7 dropout (default: 0.5 for --recipe dlbhc, 0 for bn)")
-    parser.add_argument("--recipe", default="bn", choices=RECIPES,
-                        help="bn: BatchNorm before the latent sigmoid; dlbhc: the paper's network and loss (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=None, help="fc6/fc7 dropout (default: 0.5 for --recipe dlbhc, 0 otherwise)")
+    parser.add_argument("--recipe", default="bnconv", choices=RECIPES,
+                        help="bnconv: BatchNorm after every conv and before the latent sigmoid; bn: before the latent sigmoid "
+                             "only; dlbhc: the paper's network and loss (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=224, help="input size in pixels, >= 64 (default: %(default)s)")
     parser.add_argument("--pretrained", default="imagenet",
                         help="imagenet (torchvision's AlexNet weights), none (from scratch) or PATH of an AlexNet state_dict (default: %(default)s)")

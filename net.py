@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -170,8 +169,9 @@ def alexnet_features(batchnorm):
 class AlexNetPlusLatent(nn.Module):
     """AlexNet features, fc6, fc7, a latent Linear(4096, bits) + sigmoid, and a Linear(bits, classes) classifier.
 
-    recipe 'dlbhc' is the paper's network; 'bn' adds a BatchNorm1d between the latent Linear and the sigmoid,
-    which lets a from-scratch AlexNet train (README, Quality). dropout is fc6/fc7's dropout probability.
+    recipe 'dlbhc' is the paper's network; 'bn' adds a BatchNorm1d between the latent Linear and the sigmoid;
+    'bnconv' adds that and a BatchNorm2d after every conv, which lets a from-scratch AlexNet train quickly
+    (README, Quality). dropout is fc6/fc7's dropout probability.
     """
 
     def __init__(self, bits, num_classes, recipe="dlbhc", dropout=0.5):

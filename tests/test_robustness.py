@@ -365,6 +365,7 @@ def test_odd_image_modes_encode_and_exif_rotation_reaches_the_codes(with_model):
     assert (with_model / "database/query_names.txt").read_text().splitlines() == odd
     features = np.load(with_model / "database/query_feature.npy")
     codes = np.load(with_model / "database/query_binary.npy")
+    assert np.array_equal(codes[0], codes[1])  # the EXIF-rotated twin hashes like the upright image
     exif_gap = np.abs(features[0].astype(np.float32) - features[1]).max()
     plain_gap = np.abs(features[0].astype(np.float32) - features[2]).max()
     assert exif_gap <= 1e-3 * plain_gap, (exif_gap, plain_gap)  # without the EXIF tag the picture really is turned
