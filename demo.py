@@ -1,0 +1,119 @@
+"""A query image and its top 10 in one figure, retrieved coarse-to-fine as query.py does.
+
+    python demo.py --bits 48 --num 0                # query 0 of database/: result/demo_0.png
+    python demo.py --bits 48 --image photo.jpg      # a new image: result/demo_photo.png
+    python demo.py --bits 48 --num 7 --show         # and open a window
+
+Each result is titled with its rank, Hamming distance and label, and framed green where its label is the query's,
+red where it is another, grey where either is unknown. The images are read from --data-root: image/ for the database,
+query/ for the queries, under the names database.py stored. --image is encoded with the model that built the
+database (refused when that file changed since, as in query.py).
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+import MyDataset
+import database
+from net import UserError, atomic_write, common_args_parser, elapsed, pick_device, print_args, run_main
+from query import add_retrieval_args, database_ranking, default_radius, encode_images, image_files, label_text
+
+RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("demo.py", description=__doc__.split("\n")[0], parents=[common_args_parser()],
+                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_retrieval_args(parser)
+    parser.add_argument("--num", type=int, default=0, help="0-based index of the query in database/ (default: %(default)s)")
+    parser.add_argument("--image", default=None, metavar="PATH", help="query this image file instead")
+    parser.add_argument("--show", action="store_true", help="also open the figure in a window")
+    return parser
+
+
+def load_image(path, args):
+    try:
+        return MyDataset.read_image(path)
+    except MyDataset.BadImage as err:
+        raise UserError(f"{err}; demo.py reads the images from --data-root {args.data_root} (image/ for the database, "
+                        "query/ for the queries): give the data folder that built the database") from None
+
+
+def frame_colour(query_label, label):
+    if query_label < 0 or label < 0:
+        return UNKNOWN
+    return RELEVANT if query_label == label else IRRELEVANT
+
+
+def draw(path, panels, heading, show):
+    """panels: (image, title, frame colour), the query first; saved to path, shown in a window with show."""
+    import matplotlib
+
+    if not show:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(6, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows + 0.4), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (image, title, colour) in zip(axes.flat, panels):
+        axis.axis("on")
+        axis.imshow(np.asarray(image), cmap="gray")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        for spine in axis.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(4)
+        axis.set_title(title, fontsize=9)
+    figure.suptitle(heading, fontsize=10)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    if show:
+        plt.show()
+    plt.close(figure)
+
+
+def main():
+    args = get_args_parser().parse_args()
+    print_args(args)
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    db, query, meta = database.load_database(args.database, args.bits, features=True)
+    radius, radius_from = default_radius(args, meta)
+    ranking = database_ranking(args, db, device)
+    if args.image:
+        files = image_files([args.image])
+        if len(files) != 1:
+            raise UserError(f"--image {args.image}: a folder of {len(files)} images; give one image file "
+                            "(query.py --image takes many)")
+        _, codes, features, _ = encode_images(files, args, meta, device)
+        query_label, query_path, name, out = -1, files[0], str(files[0]), f"demo_{files[0].stem}.png"
+    else:
+        if not 0 <= args.num < len(query.codes):
+            raise UserError(f"--num {args.num}: {args.database} holds {len(query.codes)} queries (0..{len(query.codes) - 1})")
+        codes, features = query.codes[args.num:args.num + 1], np.asarray(query.features[args.num:args.num + 1])
+        query_label, name, out = int(query.labels[args.num]), query.names[args.num], f"demo_{args.num}.png"
+        query_path = Path(args.data_root) / "query" / name
+    found = ranking.coarse_to_fine(codes, features, radius, args.topk)[0]
+    panels = [(load_image(query_path, args), f"query\n{label_text(meta, query_label) or '?'}", QUERY)]
+    for rank, (row, hamming) in enumerate(zip(found["rows"], found["hamming"]), start=1):
+        label = int(db.labels[row])
+        panels.append((load_image(Path(args.data_root) / "image" / db.names[row], args),
+                       f"#{rank}  d={hamming}\n{label_text(meta, label) or '?'}", frame_colour(query_label, label)))
+    path = Path(args.result) / out
+    heading = (f"{name}: top {len(found['rows'])} of {ranking.size} within Hamming radius {found['radius']} "
+               f"({args.bits} bits), ranked by fc7 distance")
+    draw(path, panels, heading, args.show)
+    relevant = sum(frame_colour(query_label, int(db.labels[row])) == RELEVANT for row in found["rows"])
+    summary = f"{relevant}/{len(found['rows'])} share its label" if query_label >= 0 else "query label unknown"
+    print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates, {summary}; "
+          f"wrote {path} in {elapsed(started)} s")
+
+
+if __name__ == "__main__":
+    run_main(main)
