@@ -183,6 +183,23 @@ def store_size(sizes, img_size):
     return square, square
 
 
+def image_files(paths):
+    """The image files named on a command line (--image): files as given, folders searched recursively."""
+    files = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"--image {given}: no image file ({' '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"--image {given}: no such file or folder")
+    return files
+
+
 class MyDataset(torch.utils.data.Dataset):
     """Images of a list file as uint8 tensors [H, W, 3] at one stored size, with their label indices."""
 

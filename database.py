@@ -80,6 +80,22 @@ def encode(model, checkpoint, source, device, batch_size):
     return codes[encoded], features[encoded]
 
 
+def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=False):
+    """Images that are not in the database, encoded with the model that built it (query.py and demo.py --image).
+
+    Returns (files kept, packed codes, fp16 fc7, bad). Refused when that model changed since (model_for_database).
+    """
+    model_path = model_for_database(folder, meta, model)
+    network, checkpoint = load_model(model_path, int(meta["bits"]))
+    entries = [MyDataset.Entry(str(path.resolve()), None, n) for n, path in enumerate(files, start=1)]
+    # absolute paths: Path(cwd) / path is the path; cache=False writes nothing beside the user's images
+    source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), checkpoint["img_size"],
+                                   "query_images", workers=0 if len(entries) < 512 else 2, skip_bad=skip_bad,
+                                   cache=False, device=device)
+    codes, features = encode(network, checkpoint, source, device, batch_size)
+    return [files[i] for i in source.keep], codes, features, source.bad
+
+
 def known_labels(image_folder):
     """path -> label from trainlist.txt and testlist.txt, for list.txt lines that carry no label."""
     known = {}

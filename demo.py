@@ -19,7 +19,7 @@ import numpy as np
 import MyDataset
 import database
 from net import UserError, atomic_write, common_args_parser, elapsed, pick_device, print_args, run_main
-from query import add_retrieval_args, database_ranking, default_radius, encode_images, image_files, label_text
+from query import add_retrieval_args, database_ranking, default_radius, label_text
 
 RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"
 
@@ -87,11 +87,12 @@ def main():
     radius, radius_from = default_radius(args, meta)
     ranking = database_ranking(args, db, device)
     if args.image:
-        files = image_files([args.image])
+        files = MyDataset.image_files([args.image])
         if len(files) != 1:
             raise UserError(f"--image {args.image}: a folder of {len(files)} images; give one image file "
                             "(query.py --image takes many)")
-        _, codes, features, _ = encode_images(files, args, meta, device)
+        _, codes, features, _ = database.encode_new_images(files, args.database, meta, args.model, device,
+                                                           args.batch_size)
         query_label, query_path, name, out = -1, files[0], str(files[0]), f"demo_{files[0].stem}.png"
     else:
         if not 0 <= args.num < len(query.codes):

@@ -28,7 +28,7 @@ import numpy as np
 import MyDataset
 import database
 import mAP
-from net import UserError, common_args_parser, elapsed, load_model, pick_device, print_args, run_main, write_json, write_text
+from net import UserError, common_args_parser, elapsed, pick_device, print_args, run_main, write_json, write_text
 
 
 def get_args_parser():
@@ -90,37 +90,6 @@ def database_ranking(args, db, device):
                        args.memory_mb)
 
 
-def image_files(paths):
-    """The image files named by --image: files as given, folders searched recursively for IMAGE_SUFFIXES."""
-    files = []
-    for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in MyDataset.IMAGE_SUFFIXES)
-            if not found:
-                raise UserError(f"--image {given}: no image file ({' '.join(sorted(MyDataset.IMAGE_SUFFIXES))}) "
-                                "in this folder")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"--image {given}: no such file or folder")
-    return files
-
-
-def encode_images(files, args, meta, device):
-    """(files kept, packed codes, fp16 fc7, bad) for new images, with the model that built the database."""
-    model_path = database.model_for_database(args.database, meta, args.model)
-    model, checkpoint = load_model(model_path, args.bits)
-    entries = [MyDataset.Entry(str(path.resolve()), None, n) for n, path in enumerate(files, start=1)]
-    # absolute paths: Path(cwd) / path is the path; cache=False writes nothing beside the user's images
-    source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), checkpoint["img_size"],
-                                   "query_images", workers=0 if len(entries) < 512 else 2,
-                                   skip_bad=getattr(args, "skip_bad", False), cache=False, device=device)
-    codes, features = database.encode(model, checkpoint, source, device, args.batch_size)
-    return [files[i] for i in source.keep], codes, features, source.bad
-
-
 def label_text(meta, index):
     labels = meta.get("labels") or []
     return labels[index] if 0 <= index < len(labels) else None
@@ -150,7 +119,8 @@ def main():
     radius, radius_from = default_radius(args, meta)
     ranking = database_ranking(args, db, device)
     if args.image:
-        files, codes, features, bad = encode_images(image_files(args.image), args, meta, device)
+        files, codes, features, bad = database.encode_new_images(MyDataset.image_files(args.image), args.database, meta,
+                                                                 args.model, device, args.batch_size, args.skip_bad)
         names, labels, stem = [str(path) for path in files], [-1] * len(files), "query_images"
         if bad:
             print(f"skipped {len(bad)} unreadable image(s): " + "; ".join(message for _, message in bad), file=sys.stderr)

@@ -42,7 +42,7 @@ def test_map_writes_the_metrics_of_the_module(workdir):
     assert result["model_sha256"] is None and result["ties"] == "shuffle" and result["topk"] == 50
     assert (result["num_queries"], result["skipped_queries"]) == (10, 2)
     assert (result["num_database"], result["skipped_database"]) == (116, 4)
-    (db_codes, db_labels, db_features), (q_codes, q_labels, _) = parts["db"], parts["query"]
+    (db_codes, db_labels, _), (q_codes, q_labels, _) = parts["db"], parts["query"]
     take = mAP.labelled(q_labels)
     want = mAP.Ranking(db_codes, BITS, db_labels, take=mAP.labelled(db_labels)).evaluate(q_codes[take], q_labels[take], 50)
     assert result["map_all"] == pytest.approx(want["map_all"], rel=1e-12)
