@@ -226,7 +226,7 @@ def main():
         bar = MyDataset.tqdm(train.batches(args.batch_size, generator), total=steps_per_epoch, leave=False,
                              desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
         for i, (images, labels, _) in enumerate(bar):
-            if len(labels) < 2 and args.recipe == "bn":  # BatchNorm cannot train on one image (N % batch == 1)
+            if len(labels) < 2 and args.recipe != "dlbhc":  # BatchNorm cannot train on one image (N % batch == 1)
                 continue
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
