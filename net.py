@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -57,6 +58,9 @@ def common_args_parser():
 def run_main(main):
     """Call main() under the error contract: UserError -> one line, exit 2; Ctrl-C -> exit 130."""
     debug = "--debug" in sys.argv
+    # a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # SIGINT (Ctrl-C, kill -INT) ends every stage the same way, however it was started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except UserError as err:
