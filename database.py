@@ -226,10 +226,13 @@ def model_for_database(folder, meta, model=None):
     """
     recorded = meta.get("model")
     rebuild = f"python database.py --bits {meta['bits']}" + (f" --model {model}" if model else "") + f" --out {folder}"
-    if model is not None and recorded is not None and Path(model).resolve() != Path(recorded).resolve():
+    # the path as given to database.py (relative to where it ran: a tree moved as a whole keeps working), then absolute
+    candidates = [Path(p) for p in (recorded, meta.get("model_abspath")) if p]
+    found = next((p for p in candidates if p.is_file()), None)
+    if model is not None and recorded is not None and Path(model).resolve() != (found or Path(recorded)).resolve():
         raise UserError(f"--model {model} is not the model that built {folder} ({recorded}); rebuild it with: {rebuild}")
-    path = Path(model or recorded or "")
-    if not recorded or not path.is_file():
+    path = Path(model) if model is not None else found
+    if not recorded or path is None or not path.is_file():
         raise UserError(f"the model that built {folder} ({recorded}) is gone; rebuild the database with: {rebuild}")
     if meta.get("model_sha256") != sha256_file(path):
         raise UserError(f"{path} changed since it built {folder} (sha256 differs); rebuild it with: {rebuild}")
@@ -271,7 +274,8 @@ def main():
         write_text(Path(args.result) / "bad_images.txt", "".join(message + "\n" for message in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(args.result) / 'bad_images.txt'}")
     meta = {
-        "format": FORMAT, "bits": checkpoint["bits"], "model": str(model_path), "model_sha256": sha256_file(model_path),
+        "format": FORMAT, "bits": checkpoint["bits"], "model": str(model_path), "model_abspath": str(model_path.resolve()),
+        "model_sha256": sha256_file(model_path),
         "labels": every, "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
         "mean": checkpoint["mean"], "std": checkpoint["std"], "recipe": checkpoint.get("recipe"),
         "num_database": len(parts["db"][0]), "num_queries": len(parts["query"][0]), "skipped_bad": len(bad),

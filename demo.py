@@ -18,8 +18,8 @@ import numpy as np
 
 import MyDataset
 import database
-from net import UserError, atomic_write, common_args_parser, elapsed, pick_device, print_args, run_main
-from query import add_retrieval_args, database_ranking, default_radius, label_text
+from net import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
+from query import add_retrieval_args, label_text, open_retrieval
 
 RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"
 
@@ -82,10 +82,7 @@ def main():
     args = get_args_parser().parse_args()
     print_args(args)
     started = time.perf_counter()
-    device = pick_device(args.device)
-    db, query, meta = database.load_database(args.database, args.bits, features=True)
-    radius, radius_from = default_radius(args, meta)
-    ranking = database_ranking(args, db, device)
+    device, db, query, meta, radius, radius_from, ranking = open_retrieval(args)
     if args.image:
         files = MyDataset.image_files([args.image])
         if len(files) != 1:

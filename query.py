@@ -90,6 +90,14 @@ def database_ranking(args, db, device):
                        args.memory_mb)
 
 
+def open_retrieval(args):
+    """Where query.py and demo.py start: (device, db, query, meta, radius, where the radius came from, Ranking)."""
+    device = pick_device(args.device)
+    db, query, meta = database.load_database(args.database, args.bits, features=True)
+    radius, radius_from = default_radius(args, meta)
+    return device, db, query, meta, radius, radius_from, database_ranking(args, db, device)
+
+
 def label_text(meta, index):
     labels = meta.get("labels") or []
     return labels[index] if 0 <= index < len(labels) else None
@@ -114,10 +122,7 @@ def main():
     args = get_args_parser().parse_args()
     print_args(args)
     started = time.perf_counter()
-    device = pick_device(args.device)
-    db, query, meta = database.load_database(args.database, args.bits, features=True)
-    radius, radius_from = default_radius(args, meta)
-    ranking = database_ranking(args, db, device)
+    device, db, query, meta, radius, radius_from, ranking = open_retrieval(args)
     if args.image:
         files, codes, features, bad = database.encode_new_images(MyDataset.image_files(args.image), args.database, meta,
                                                                  args.model, device, args.batch_size, args.skip_bad)
