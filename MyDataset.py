@@ -9,6 +9,9 @@ Images are decoded once into a uint8 cache ([N, H, W, 3], on disk beside the dat
 file's entries and the images' sizes and mtimes) and then cropped, flipped, resized and normalised as whole batches
 on the device. Data sets too large for that stream through a DataLoader with workers that decode and resize to the
 same uint8 form; the device does the rest in both cases.
+
+torch is imported inside the functions that use it, so prepare_data.py, which reads list files and images but
+runs no network, starts without it.
 """
 import hashlib
 import math
@@ -19,12 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
-from net import UserError, atomic_write
+from stage import UserError, atomic_write
 
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -200,7 +201,7 @@ def image_files(paths):
     return files
 
 
-class MyDataset(torch.utils.data.Dataset):
+class MyDataset:  # a map-style dataset for torch's DataLoader
     """Images of a list file as uint8 tensors [H, W, 3] at one stored size, with their label indices."""
 
     def __init__(self, folder, entries, labels, size):
@@ -211,6 +212,7 @@ class MyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         """(image uint8 [H, W, 3], label, ok); ok is False (and the image zeros) where decoding failed."""
+        import torch
         height, width = self.size
         try:
             image = read_image(self.folder / self.entries[i].path)
@@ -222,6 +224,7 @@ class MyDataset(torch.utils.data.Dataset):
 
 
 def loader(dataset, batch_size, workers, shuffle=False, generator=None, pin_memory=False):
+    import torch
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        generator=generator, pin_memory=pin_memory,
                                        persistent_workers=False, drop_last=False)
@@ -315,6 +318,7 @@ def clear_cache(folder):
 
 def normalise(images, mean, std):
     """uint8 [B, H, W, 3] on the device -> float [B, 3, H, W] normalised (channels_last memory)."""
+    import torch
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
@@ -323,6 +327,8 @@ def normalise(images, mean, std):
 
 def eval_transform(images, img_size, mean, std):
     """The whole image resized to img_size x img_size: what database.py and query.py encode."""
+    import torch
+    import torch.nn.functional as F
     x = normalise(images, mean, std)
     if x.shape[-2:] != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False,
@@ -336,6 +342,8 @@ def train_transform(images, img_size, mean, std, generator, min_area=0.6):
     One affine grid for the whole batch: crop, flip and resize are a single grid_sample on the device.
     generator is a torch.Generator on the CPU, so the crops are the same on any device for a given seed.
     """
+    import torch
+    import torch.nn.functional as F
     x = normalise(images, mean, std)
     batch = x.shape[0]
     area = torch.empty(batch).uniform_(min_area, 1.0, generator=generator)
@@ -377,7 +385,9 @@ class ImageSource:
     """
 
     def __init__(self, folder, entries, labels, img_size, name, workers=2, skip_bad=False, cache=True,
-                 device=torch.device("cpu"), checked=None):
+                 device=None, checked=None):
+        import torch
+        device = torch.device("cpu") if device is None else device
         self.folder, self.entries, self.name = Path(folder), entries, name
         self.workers, self.device, self.cache, self.skip_bad = workers, device, cache, skip_bad
         sizes, self.bad = checked if checked is not None else check_images(folder, entries, skip_bad)
@@ -396,6 +406,7 @@ class ImageSource:
 
     def _resident(self, images):
         """The cache as a torch tensor: on the GPU when it takes under a third of free memory, else host memory."""
+        import torch
         if self.device.type == "cuda" and images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 3:
             return torch.from_numpy(np.array(images)).to(self.device)
         if images.nbytes < total_memory_bytes() / 4:
@@ -410,6 +421,7 @@ class ImageSource:
 
         positions index self.keep. generator (a CPU torch.Generator) shuffles; None keeps list order.
         """
+        import torch
         order = (torch.randperm(len(self.keep), generator=generator) if generator is not None
                  else torch.arange(len(self.keep)))
         labels = torch.from_numpy(self.labels[self.keep])

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 import MyDataset
-from net import (UserError, autocast, common_args_parser, elapsed, load_model, newest_model, pick_device,
-                 print_args, run_main, sha256_file, write_text)
+from net import autocast, load_model, newest_model, pick_device
+from stage import UserError, common_args_parser, elapsed, print_args, run_main, sha256_file, write_text
 
 FORMAT = 1
 FILES = ("binary.npy", "label.npy", "feature.npy", "names.txt")

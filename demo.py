@@ -18,7 +18,7 @@ import numpy as np
 
 import MyDataset
 import database
-from net import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
+from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
 from query import add_retrieval_args, label_text, open_retrieval
 
 RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"

@@ -45,7 +45,8 @@ import torch
 from tqdm import tqdm
 
 import database
-from net import UserError, atomic_write, common_args_parser, elapsed, pick_device, print_args, run_main, write_json
+from net import pick_device
+from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main, write_json
 
 TIES = ("shuffle", "index")
 CURVE_DEPTH = 1000  # P@k is reported for k = 1..min(CURVE_DEPTH, N)

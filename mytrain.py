@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import MyDataset
-from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, AlexNetPlusLatent, UserError, atomic_write, autocast,
-                 common_args_parser, load_pretrained, model_name, pick_device, print_args, run_main,
-                 safe_load, save_checkpoint, unwrapped_state_dict, write_text)
+from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, AlexNetPlusLatent, autocast, load_pretrained, model_name,
+                 pick_device, safe_load, save_checkpoint, unwrapped_state_dict)
+from stage import UserError, atomic_write, common_args_parser, print_args, run_main, write_text
 
 
 def get_args_parser():

@@ -1,32 +1,24 @@
-"""The DLBHC network and how every stage runs it.
+"""The DLBHC network, its pretrained weights and its checkpoints.
 
 AlexNetPlusLatent (Lin et al., CVPR 2015 workshops): AlexNet's conv layers, fc6 and fc7, then a latent layer of
 `bits` sigmoid units and a classifier on top of it. Thresholding the latent sigmoid at 0.5 gives the binary hash
 code; fc7 is the feature for coarse-to-fine re-ranking.
 
-This module also owns what every stage shares about running that network: picking the device, autocast,
-checkpoint files (save, load, find), atomic writes, the flags every script takes, and the error contract
-(a user's mistake is one line on stderr and exit status 2).
+This module also picks the device and autocast for every stage, and saves, loads and finds checkpoints. The error
+contract, shared flags and atomic writes live in stage.py.
 
 Importing it does nothing: no download, no file written, no CUDA initialised.
 """
-import argparse
 import contextlib
-import errno
-import hashlib
-import json
-import os
 import pickle
 import re
-import signal
-import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from stage import UserError, atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,56 +27,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RECIPES = ("dlbhc", "bn", "bnconv")
 TORCHVISION_CONVS = (0, 3, 6, 8, 10)  # indices of the conv layers in torchvision's alexnet.features
 CHECKPOINT_FORMAT = 1
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Errors and the command-line contract
-
-
-class UserError(Exception):
-    """A problem the user can fix (a path, a flag, a file): printed as one line, exit status 2."""
-
-
-def common_args_parser():
-    """Flags every stage takes; scripts pass it as `parents=[common_args_parser()]`."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--data-root", default="data", help="folder holding image/ and query/ (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where to run; auto picks CUDA when present (default: %(default)s)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    return parser
-
-
-def run_main(main):
-    """Call main() under the error contract: UserError -> one line, exit 2; Ctrl-C -> exit 130."""
-    debug = "--debug" in sys.argv
-    # a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt:
-    # SIGINT (Ctrl-C, kill -INT) ends every stage the same way, however it was started
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        main()
-    except UserError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:
-        # a full disk, a read-only or forbidden folder: the user's to fix, and nothing half-written is left behind
-        if debug or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        print(f"error: {err.filename or 'a file'}: {err.strerror}; free space, fix permissions "
-              "or choose another folder (--out, --model-dir, --result)", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def print_args(args):
-    """Print the resolved arguments at start; the same dict is stored with what the run writes."""
-    print(json.dumps({"args": vars(args)}, default=str), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,44 +49,6 @@ def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path) on a temporary name in the same folder, then rename it onto path.
-
-    A reader sees the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path, text):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,7 +242,3 @@ def newest_model(model_dir, bits):
         raise UserError(f"no {bits}-bit model in {model_dir}/; train one with: python mytrain.py --bits {bits}, "
                         "or name one with --model PATH")
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
-def elapsed(since):
-    return round(time.perf_counter() - since, 3)

@@ -53,7 +53,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from MyDataset import IMAGE_SUFFIXES, sort_labels
-from net import UserError, common_args_parser, elapsed, print_args, run_main, write_json, write_text
+from stage import UserError, common_args_parser, elapsed, print_args, run_main, write_json, write_text
 
 DATASETS = ("fashion-mnist", "cifar10", "folder")
 FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"

@@ -28,7 +28,8 @@ import numpy as np
 import MyDataset
 import database
 import mAP
-from net import UserError, common_args_parser, elapsed, pick_device, print_args, run_main, write_json, write_text
+from net import pick_device
+from stage import UserError, common_args_parser, elapsed, print_args, run_main, write_json, write_text
 
 
 def get_args_parser():

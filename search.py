@@ -29,7 +29,8 @@ import numpy as np
 
 import database
 import mAP
-from net import UserError, atomic_write, common_args_parser, elapsed, pick_device, print_args, run_main, write_json, write_text
+from net import pick_device
+from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main, write_json, write_text
 
 COLUMNS = ("radius", "candidates", "precision@10", "mAP", "ms/query")
 

@@ -20,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from net import UserError, newest_model, print_args, read_checkpoint, run_main, write_json  # noqa: E402
+from net import newest_model, read_checkpoint  # noqa: E402
+from stage import UserError, print_args, run_main, write_json  # noqa: E402
 
 
 def get_args_parser():

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import mAP  # noqa: E402
-from net import pick_device, print_args, write_json  # noqa: E402
+from net import pick_device  # noqa: E402
+from stage import print_args, write_json  # noqa: E402
 
 
 def get_args_parser():

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import MyDataset  # noqa: E402
 from database import encode  # noqa: E402
 from mytrain import hashing_loss  # noqa: E402
-from net import (IMAGENET_MEAN, IMAGENET_STD, AlexNetPlusLatent, autocast, common_args_parser, pick_device,  # noqa: E402
-                 print_args, run_main, write_json)
+from net import IMAGENET_MEAN, IMAGENET_STD, AlexNetPlusLatent, autocast, pick_device  # noqa: E402
+from stage import common_args_parser, print_args, run_main, write_json  # noqa: E402
 
 
 def get_args_parser():

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import database  # noqa: E402  (after the path is set)
 import MyDataset  # noqa: E402
-from net import UserError  # noqa: E402
+from stage import UserError  # noqa: E402
 
 QUIET = {"TQDM_DISABLE": "1", "PYTHONWARNINGS": "default"}
 TRAIN = ("--bits", 8, "--pretrained", "none", "--img-size", 64, "--epochs", 1, "--batch-size", 8, "--device", "cpu",
