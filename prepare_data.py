@@ -70,7 +70,7 @@ CHUNK = 256  # images per task handed to a worker process
 
 def get_args_parser():
     parser = argparse.ArgumentParser("prepare_data.py", description=__doc__.split("\n")[0],
-                                     parents=[common_args_parser()],
+                                     parents=[common_args_parser(device=False)],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("dataset", choices=DATASETS, help="what to prepare")
     parser.add_argument("path", nargs="?", default=None, help="folder mode: the folder of class subfolders")

@@ -33,7 +33,7 @@ from stage import UserError, common_args_parser, elapsed, print_args, run_main, 
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("query.py", description=__doc__.split("\n")[0], parents=[common_args_parser()],
+    parser = argparse.ArgumentParser("query.py", description=__doc__.split("\n")[0], parents=[common_args_parser(data_root=False)],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_retrieval_args(parser)
     parser.add_argument("--image", nargs="+", default=None, metavar="PATH",

@@ -36,7 +36,7 @@ COLUMNS = ("radius", "candidates", "precision@10", "mAP", "ms/query")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("search.py", description=__doc__.split("\n")[0], parents=[common_args_parser()],
+    parser = argparse.ArgumentParser("search.py", description=__doc__.split("\n")[0], parents=[common_args_parser(data_root=False)],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, required=True, help="code length; must match the database")
     parser.add_argument("--database", default="database", help="folder written by database.py (default: %(default)s)")

@@ -27,12 +27,18 @@ class UserError(Exception):
     """A problem the user can fix (a path, a flag, a file): printed as one line, exit status 2."""
 
 
-def common_args_parser():
-    """Flags every stage takes; scripts pass it as `parents=[common_args_parser()]`."""
+def common_args_parser(data_root=True, device=True):
+    """Flags the stages share, passed as `parents=[common_args_parser(...)]`; a script asks only for what it reads.
+
+    --debug always; --data-root where the script reads or writes images; --device where it runs the network or ranks.
+    """
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--data-root", default="data", help="folder holding image/ and query/ (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where to run; auto picks CUDA when present (default: %(default)s)")
+    if data_root:
+        parser.add_argument("--data-root", default="data",
+                            help="folder holding image/ and query/ (default: %(default)s)")
+    if device:
+        parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                            help="where to run; auto picks CUDA when present (default: %(default)s)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
 
