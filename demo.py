@@ -3,6 +3,7 @@
     python demo.py --bits 48 --num 0                # query 0 of database/: result/demo_0.png
     python demo.py --bits 48 --image photo.jpg      # a new image: result/demo_photo.png
     python demo.py --bits 48 --num 7 --show         # and open a window
+    python demo.py --bits 48 --backend faiss        # candidates from index.py's faiss index
 
 Each result is titled with its rank, Hamming distance and label, and framed green where its label is the query's,
 red where it is another, grey where either is unknown. The images are read from --data-root: image/ for the database,
@@ -18,6 +19,7 @@ import numpy as np
 
 import MyDataset
 import database
+import index
 from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
 from query import add_retrieval_args, label_text, open_retrieval
 
@@ -83,6 +85,7 @@ def main():
     print_args(args)
     started = time.perf_counter()
     device, db, query, meta, radius, radius_from, ranking = open_retrieval(args)
+    backend, engine = index.open_index(args, meta, ranking.size)
     if args.image:
         files = MyDataset.image_files([args.image])
         if len(files) != 1:
@@ -97,7 +100,7 @@ def main():
         codes, features = query.codes[args.num:args.num + 1], np.asarray(query.features[args.num:args.num + 1])
         query_label, name, out = int(query.labels[args.num]), query.names[args.num], f"demo_{args.num}.png"
         query_path = Path(args.data_root) / "query" / name
-    found = ranking.coarse_to_fine(codes, features, radius, args.topk)[0]
+    found = index.retrieve(engine, ranking, codes, features, radius, args.topk)[0]
     panels = [(load_image(query_path, args), f"query\n{label_text(meta, query_label) or '?'}", QUERY)]
     for rank, (row, hamming) in enumerate(zip(found["rows"], found["hamming"]), start=1):
         label = int(db.labels[row])
@@ -109,7 +112,7 @@ def main():
     draw(path, panels, heading, args.show)
     relevant = sum(frame_colour(query_label, int(db.labels[row])) == RELEVANT for row in found["rows"])
     summary = f"{relevant}/{len(found['rows'])} share its label" if query_label >= 0 else "query label unknown"
-    print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates, {summary}; "
+    print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates ({backend}), {summary}; "
           f"wrote {path} in {elapsed(started)} s")
 
 

@@ -161,6 +161,21 @@ def smallest_radius(distances, count, bits):
     return low
 
 
+def rank_by_fc7(query_feature, features, rows, positions, topk, layout):
+    """The coarse-to-fine order of a candidate set: fc7 Euclidean distance to the query, equal distances in tie
+    order. rows: the candidates' file rows; positions: their places in tie order, ascending (the rows' fc7 is read
+    in this order, as the scan does, so every distance is computed alike). query_feature: fp16 [1, D].
+
+    Returns (indices into the candidates of the first topk, best first; their Euclidean distances, float32).
+    """
+    squared = squared_euclidean(query_feature, features, rows)[0]
+    keys = (float_keys(squared) << np.uint64(layout.euclid_shift)) | np.asarray(positions).astype(np.uint64)
+    keys.sort()
+    best = (keys[:topk] & np.uint64((1 << layout.euclid_shift) - 1)).astype(np.int64)
+    where = np.searchsorted(positions, best)
+    return where, np.sqrt(squared[where], dtype=np.float32)
+
+
 class Ranking:
     """The database side of the ranking rule, prepared once.
 

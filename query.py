@@ -3,11 +3,16 @@
     python query.py --bits 48                               # every query: result/query.txt and result/query.json
     python query.py --bits 48 --radius 3 --topk 20
     python query.py --bits 48 --image photo.jpg more_photos/   # new images: result/query_images.txt and .json
+    python query.py --bits 48 --backend exact               # the full scan, though index.py built an index
+    python query.py --bits 48 --backend milvus [--uri URI]  # candidates from the collection index.py loaded
 
 For each query, with r = --radius (default: search.py's recommendation for this model, else 2) and k = --topk:
 r' is the smallest radius >= r holding at least k database items (all N when N < k); the items within r' are ranked
 by fc7 Euclidean distance (equal distances in mAP.py's tie order) and the first k returned. Every database item takes
 part, labelled or not.
+
+The candidates within r' come from --backend: the exact scan, or the index that index.py built (faiss or Milvus);
+the exact ones (scan, faiss flat, Milvus BIN_FLAT) give the same results, item for item.
 
 query.txt has the original's format, one line per query: `queryname:db1, db2, ...` (names as in the names files);
 query.json adds each result's Hamming and Euclidean distance and label, and r'.
@@ -27,6 +32,7 @@ import numpy as np
 
 import MyDataset
 import database
+import index
 import mAP
 from net import pick_device
 from stage import UserError, common_args_parser, elapsed, print_args, run_main, write_json, write_text
@@ -58,6 +64,7 @@ def add_retrieval_args(parser):
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: %(default)s)")
     parser.add_argument("--memory-mb", type=int, default=256,
                         help="working memory for chunks of queries (default: %(default)s)")
+    index.add_backend_args(parser)
 
 
 def default_radius(args, meta):
@@ -124,6 +131,7 @@ def main():
     print_args(args)
     started = time.perf_counter()
     device, db, query, meta, radius, radius_from, ranking = open_retrieval(args)
+    backend, engine = index.open_index(args, meta, ranking.size)
     if args.image:
         files, codes, features, bad = database.encode_new_images(MyDataset.image_files(args.image), args.database, meta,
                                                                  args.model, device, args.batch_size, args.skip_bad)
@@ -132,15 +140,16 @@ def main():
             print(f"skipped {len(bad)} unreadable image(s): " + "; ".join(message for _, message in bad), file=sys.stderr)
     else:
         codes, features, names, labels, stem = query.codes, np.asarray(query.features), query.names, query.labels, "query"
-    results = ranking.coarse_to_fine(codes, features, radius, args.topk)
+    results = index.retrieve(engine, ranking, codes, features, radius, args.topk)
     info = {"bits": args.bits, "radius": radius, "radius_from": radius_from, "topk": args.topk, "ties": args.ties,
+            "backend": backend,
             "num_queries": len(results), "num_database": ranking.size, "model": meta.get("model"),
             "model_sha256": meta.get("model_sha256"), "device": str(device), "seconds": elapsed(started),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args)}
     paths = write_results(args.result, stem, names, labels, results, db, meta, info)
     grown = sum(found["radius"] > radius for found in results)
     print(f"{len(results)} queries, radius {radius} ({radius_from}; grown for {grown} to reach {args.topk}), "
-          f"top {args.topk} of {ranking.size}: wrote {paths[0]} and {paths[1]} in {elapsed(started)} s")
+          f"top {args.topk} of {ranking.size} ({backend}): wrote {paths[0]} and {paths[1]} in {elapsed(started)} s")
 
 
 if __name__ == "__main__":
