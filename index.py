@@ -24,7 +24,6 @@ item for item. Milvus returns at most 16,384 items per range search: more candid
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -121,7 +120,7 @@ def milvus_client(uri, token=""):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return MilvusClient(uri=uri, token=token or "", timeout=MILVUS_TIMEOUT)
-    except MilvusException as err:
+    except MilvusException:
         raise UserError(f"cannot reach Milvus at {uri} within {MILVUS_TIMEOUT} s; start the server there or give "
                         "the right --uri") from None
 
@@ -308,7 +307,7 @@ def rebuild_command(args, backend, record):
 
 def open_faiss(args, record, num_items):
     path = Path(args.database) / INDEX_FILE
-    reason = stale_reason(args.database, record) if path.is_file() else f"is missing"
+    reason = stale_reason(args.database, record) if path.is_file() else "is missing"
     if reason:
         raise UserError(f"the faiss index {path} {reason}; rebuild it with: {rebuild_command(args, 'faiss', record)}")
     try:
@@ -325,15 +324,15 @@ def open_faiss(args, record, num_items):
 
 
 def open_milvus(args, record, num_items):
+    uri = args.uri or (record or {}).get("uri")
+    client = milvus_client(uri, args.token) if uri else None  # an unreachable --uri is the first thing to say
     if not record:
         raise UserError(f"{args.database} has no Milvus collection; load one with: python index.py --bits {args.bits} "
-                        f"--database {args.database} --backend milvus --uri URI --collection NAME")
+                        f"--database {args.database} --backend milvus --uri {uri or 'URI'} --collection NAME")
     reason = stale_reason(args.database, record)
     if reason:
         raise UserError(f"the Milvus collection {record['collection']} {reason}; rebuild it with: "
                         f"{rebuild_command(args, 'milvus', record)}")
-    uri = args.uri or record["uri"]
-    client = milvus_client(uri, args.token)
     if not client.has_collection(record["collection"]):
         raise UserError(f"Milvus at {uri} has no collection {record['collection']!r}; load it with: "
                         f"{rebuild_command(args, 'milvus', {**record, 'uri': uri})}")
