@@ -43,6 +43,8 @@ def get_args_parser():
     parser.add_argument("--queries", type=int, default=1000, help="queries per size (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads for faiss and the scan; 1 on a loaded machine (default: %(default)s)")
+    parser.add_argument("--backends", nargs="+", default=["scan", "faiss flat", "faiss ivf", "milvus flat", "milvus ivf"],
+                        help="which to run; the scan always runs first, as the reference (default: all)")
     parser.add_argument("--skip-milvus-above", type=int, default=1000000,
                         help="Milvus only up to this size (default: %(default)s)")
     parser.add_argument("--rerank-items", type=int, default=0, help="fp16 feature rows for coarse-to-fine (default: none)")
@@ -254,9 +256,8 @@ def main():
     with tempfile.TemporaryDirectory(dir=args.tmp) as scratch:
         reference = Path(scratch) / "reference.npz"
         for size in args.sizes:
-            workers = ["scan", "faiss flat", "faiss ivf"]
-            if size <= args.skip_milvus_above:
-                workers += ["milvus flat", "milvus ivf"]
+            workers = ["scan"] + [name for name in args.backends if name != "scan"
+                                  and (size <= args.skip_milvus_above or not name.startswith("milvus"))]
             report["sizes"][size] = {worker: child(args, worker, size, reference) for worker in workers}
         if args.rerank_items:
             features = Path(scratch) / "features.npy"

@@ -32,6 +32,9 @@ def db_folder(tmp_path):
 def milvus_uri(tmp_path_factory):
     """The embedded Milvus server for the whole session, in a temporary folder; stopped at the end."""
     server_module = pytest.importorskip("milvus")
+    with socket.socket() as sock:  # its embedded etcd always takes port 2380, whatever the other ports
+        if sock.connect_ex(("127.0.0.1", 2380)) == 0:
+            pytest.fail("port 2380 is taken (another embedded Milvus?): the embedded server cannot start")
     server = server_module.default_server
     server.set_base_dir(str(tmp_path_factory.mktemp("milvus")))
     server.start()
