@@ -57,7 +57,7 @@ def get_args_parser():
     return parser
 
 
-def class_codes(count, seed, classes=1000, prototypes=4, flips=1.5, chunk=1 << 20):
+def class_codes(count, seed, classes=1000, prototypes=4, flips=1.5, chunk=1 << 16):
     """Packed 64-bit codes uint8 [count, 8]: a prototype of a random class with about `flips` bits flipped."""
     centres = np.random.default_rng(12345).integers(0, 2, size=(classes * prototypes, BITS), dtype=np.uint8)
     rng = np.random.default_rng(seed)
