@@ -160,20 +160,20 @@ def exact_candidates(engine, query_codes, radius, topk, num_items, bits):
     return out
 
 
-def coarse_to_fine(engine, ranking, query_codes, query_features, radius, topk):
-    """Ranking.coarse_to_fine's results, with the candidates from an index: one dict per query (rows, hamming,
+def coarse_to_fine(engine, items, query_codes, query_features, radius, topk):
+    """mAP.coarse_to_fine's results, with the candidates from an index: one dict per query (rows, hamming,
     euclidean, radius, candidates). Only the candidates' fc7 rows are read."""
-    position_of = np.empty(ranking.size, dtype=np.int64)
-    position_of[ranking.rows] = np.arange(ranking.size)  # tie order: the scan's candidates come in this order
-    layout = mAP.key_layout(ranking.bits, ranking.size, euclidean=True, relevant=False)
+    position_of = np.empty(items.size, dtype=np.int64)
+    position_of[items.rows] = np.arange(items.size)  # tie order: the scan's candidates come in this order
+    layout = mAP.key_layout(items.bits, items.size, euclidean=True, relevant=False)
     results = []
-    found = exact_candidates(engine, query_codes, radius, topk, ranking.size, ranking.bits)
+    found = exact_candidates(engine, query_codes, radius, topk, items.size, items.bits)
     with mAP.torch_threads(1):
         for i, (rows, distances, used) in enumerate(found):
             positions = position_of[rows]
             order = np.argsort(positions)
             rows, distances, positions = rows[order], distances[order], positions[order]
-            best, euclidean = mAP.rank_by_fc7(query_features[i:i + 1], ranking.features, rows, positions, topk,
+            best, euclidean = mAP.rank_by_fc7(query_features[i:i + 1], items.features, rows, positions, topk,
                                               layout)
             results.append({"rows": rows[best], "hamming": distances[best], "euclidean": euclidean,
                             "radius": used, "candidates": len(rows)})
@@ -203,10 +203,10 @@ def build_faiss(codes, kind, nlist):
 
 def exact_reference(codes, bits, sample, topk, radius):
     """(k-th distance [q], items within radius [q]) of each sample query by the exact scan."""
-    ranking = mAP.Ranking(codes, bits, ties="index")
+    items = mAP.prepare_items(codes, bits, ties="index")
     kth, counts = np.empty(len(sample), np.int64), np.empty(len(sample), np.int64)
     for start in range(0, len(sample), 16):  # [16, N] distances at a time
-        distances = ranking.distances(sample[start:start + 16])
+        distances = mAP.hamming_distances(items, sample[start:start + 16])
         kth[start:start + 16] = np.partition(distances, topk - 1, axis=1)[:, topk - 1]
         counts[start:start + 16] = np.count_nonzero(distances <= radius, axis=1)
     return kth, counts
@@ -387,11 +387,11 @@ def open_index(args, meta, num_items):
     return f"milvus {records.get('milvus', {}).get('kind')}", open_milvus(args, records.get("milvus"), num_items)
 
 
-def retrieve(engine, ranking, query_codes, query_features, radius, topk):
+def retrieve(engine, items, query_codes, query_features, radius, topk):
     """Coarse-to-fine results for query.py and demo.py: the exact scan (engine None) or through the index."""
     if engine is None:
-        return ranking.coarse_to_fine(query_codes, query_features, radius, topk)
-    return coarse_to_fine(engine, ranking, query_codes, query_features, radius, topk)
+        return mAP.coarse_to_fine(items, query_codes, query_features, radius, topk)
+    return coarse_to_fine(engine, items, query_codes, query_features, radius, topk)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 For each size N: N codes with class structure (1,000 classes x 4 prototypes, about 1.5 bits flipped: many ties, as
 trained codes have) and --queries queries drawn the same way. Each backend runs in a child process of its own, so
-its peak memory (RSS, VmHWM) is its own: the scan (mAP.Ranking, as query.py scans), faiss IndexBinaryFlat and
+its peak memory (RSS, VmHWM) is its own: the scan (mAP.topk, as query.py scans), faiss IndexBinaryFlat and
 IndexBinaryIVF (nlist and nprobe as index.py picks them: about 4 sqrt(N) lists, nprobe doubled until the recall
 reaches 0.99) and a Milvus collection (BIN_FLAT and BIN_IVF_FLAT) in the embedded server of the `milvus` package.
 Measured: build seconds, top-10 and radius-2 queries per second, recall against the scan (top 10: share of the
@@ -90,13 +90,13 @@ def timed(work):
 def scan_worker(codes, queries, args):
     import mAP
 
-    ranking, build = timed(lambda: mAP.Ranking(codes, BITS, ties="index", threads=args.threads))
-    (_, distances), top_seconds = timed(lambda: ranking.topk(queries, TOPK))
+    items, build = timed(lambda: mAP.prepare_items(codes, BITS, ties="index", threads=args.threads))
+    (_, distances), top_seconds = timed(lambda: mAP.topk(items, queries, TOPK))
 
     def within():
         counts = []
         for start in range(0, len(queries), 16):
-            for row in ranking.distances(queries[start:start + 16]):
+            for row in mAP.hamming_distances(items, queries[start:start + 16]):
                 counts.append(len(np.flatnonzero(row <= RADIUS)))
         return np.array(counts)
 
@@ -205,11 +205,11 @@ def rerank_worker(args):
     codes, queries = class_codes(args.size, seed=1), class_codes(args.rerank_queries, seed=2)
     features = np.load(args.reference, mmap_mode="r")
     query_features = np.ascontiguousarray(features[:len(queries)])  # any rows: distances are what is timed
-    ranking = mAP.Ranking(codes, BITS, features=features, threads=args.threads)
+    items = mAP.prepare_items(codes, BITS, features=features, threads=args.threads)
     engine = index.FaissIndex(index.build_faiss(codes, "flat", None), 1)
-    through_index, index_seconds = timed(lambda: index.coarse_to_fine(engine, ranking, queries, query_features,
+    through_index, index_seconds = timed(lambda: index.coarse_to_fine(engine, items, queries, query_features,
                                                                       RADIUS, TOPK))
-    scanned, scan_seconds = timed(lambda: ranking.coarse_to_fine(queries, query_features, RADIUS, TOPK))
+    scanned, scan_seconds = timed(lambda: mAP.coarse_to_fine(items, queries, query_features, RADIUS, TOPK))
     same = all(np.array_equal(a["rows"], b["rows"]) for a, b in zip(through_index, scanned))
     print(json.dumps({"items": args.size, "queries": len(queries), "index_s": index_seconds, "scan_s": scan_seconds,
                       "same_results": same, "mean_candidates": float(np.mean([f["candidates"] for f in scanned])),

@@ -6,6 +6,7 @@ must find 99% of the exact results at the nprobe their self-check chose. Milvus 
 the `milvus` package, started once for the session (it picks free ports itself).
 
     python -m pytest -q tests/test_index.py
+    bash tests/run.sh -k index              # with pytest-xdist (--dist loadgroup keeps the Milvus tests together)
 """
 import json
 import socket
@@ -134,6 +135,7 @@ def test_unreachable_milvus_is_one_line(db_folder, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1 and uri in result.stderr
 
 
+@pytest.mark.xdist_group("milvus")  # one server per session, and a session per xdist worker: keep them on one
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_milvus_against_the_scan(db_folder, tmp_path, milvus_uri, kind):
     query(db_folder, tmp_path / "exact", "--topk", 25, "--radius", 1)
