@@ -4,8 +4,8 @@
     python demo.py --bits 48 --image photo.jpg      # a new image: result/demo_photo.png
     python demo.py --bits 48 --num 7 --show         # and open a window
 
-Each result is titled with its rank, Hamming distance and label, and framed green where its label is the query's,
-red where it is another, grey where either is unknown. The images are read from --data-root: image/ for the database,
+Each result is titled with its rank, Hamming distance and label, and framed green where its label is the query's
+(multi-label data: where it shares one of the query's labels), red where not, grey where either is unknown. The images are read from --data-root: image/ for the database,
 query/ for the queries, under the names database.py stored. --image is encoded with the model that built the
 database (refused when that file changed since, as in query.py).
 """
@@ -19,7 +19,7 @@ import numpy as np
 import MyDataset
 import database
 from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
-from query import add_retrieval_args, label_text, open_retrieval
+from query import add_retrieval_args, label_set, label_text, open_retrieval
 
 RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"
 
@@ -43,9 +43,11 @@ def load_image(path, args):
 
 
 def frame_colour(query_label, label):
-    if query_label < 0 or label < 0:
+    """Relevant when the two share a label (the same label, for single-label data); unknown when either has none."""
+    query_labels, labels = label_set(query_label), label_set(label)
+    if not query_labels or not labels:
         return UNKNOWN
-    return RELEVANT if query_label == label else IRRELEVANT
+    return RELEVANT if query_labels & labels else IRRELEVANT
 
 
 def draw(path, panels, heading, show):
@@ -95,20 +97,20 @@ def main():
         if not 0 <= args.num < len(query.codes):
             raise UserError(f"--num {args.num}: {args.database} holds {len(query.codes)} queries (0..{len(query.codes) - 1})")
         codes, features = query.codes[args.num:args.num + 1], np.asarray(query.features[args.num:args.num + 1])
-        query_label, name, out = int(query.labels[args.num]), query.names[args.num], f"demo_{args.num}.png"
+        query_label, name, out = query.labels[args.num], query.names[args.num], f"demo_{args.num}.png"
         query_path = Path(args.data_root) / "query" / name
     found = ranking.coarse_to_fine(codes, features, radius, args.topk)[0]
     panels = [(load_image(query_path, args), f"query\n{label_text(meta, query_label) or '?'}", QUERY)]
     for rank, (row, hamming) in enumerate(zip(found["rows"], found["hamming"]), start=1):
-        label = int(db.labels[row])
+        label = db.labels[row]
         panels.append((load_image(Path(args.data_root) / "image" / db.names[row], args),
                        f"#{rank}  d={hamming}\n{label_text(meta, label) or '?'}", frame_colour(query_label, label)))
     path = Path(args.result) / out
     heading = (f"{name}: top {len(found['rows'])} of {ranking.size} within Hamming radius {found['radius']} "
                f"({args.bits} bits), ranked by fc7 distance")
     draw(path, panels, heading, args.show)
-    relevant = sum(frame_colour(query_label, int(db.labels[row])) == RELEVANT for row in found["rows"])
-    summary = f"{relevant}/{len(found['rows'])} share its label" if query_label >= 0 else "query label unknown"
+    relevant = sum(frame_colour(query_label, db.labels[row]) == RELEVANT for row in found["rows"])
+    summary = f"{relevant}/{len(found['rows'])} share its label" if label_set(query_label) else "query label unknown"
     print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates, {summary}; "
           f"wrote {path} in {elapsed(started)} s")
 

@@ -99,9 +99,19 @@ def open_retrieval(args):
     return device, db, query, meta, radius, radius_from, database_ranking(args, db, device)
 
 
-def label_text(meta, index):
-    labels = meta.get("labels") or []
-    return labels[index] if 0 <= index < len(labels) else None
+def label_set(label):
+    """The label indices of one item: a single-label index (-1 unknown) or a multi-hot row; empty when unknown."""
+    label = np.asarray(label)
+    if label.ndim == 1:
+        return {int(i) for i in np.flatnonzero(label)}
+    return {int(label)} if label >= 0 else set()
+
+
+def label_text(meta, label):
+    """The item's label name (several joined by ','), None when unknown."""
+    names = meta.get("labels") or []
+    known = [names[i] for i in sorted(label_set(label)) if i < len(names)]
+    return ",".join(known) or None
 
 
 def write_results(result_dir, stem, names, labels, results, db, meta, info):
@@ -109,7 +119,7 @@ def write_results(result_dir, stem, names, labels, results, db, meta, info):
     lines = [f"{name}:{', '.join(db.names[row] for row in found['rows'])}\n" for name, found in zip(names, results)]
     queries = [{"query": name, "label": label_text(meta, label), "radius": found["radius"],
                 "candidates": found["candidates"],
-                "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, int(db.labels[row])),
+                "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, db.labels[row]),
                              "hamming": int(h), "euclidean": round(float(e), 4)}
                             for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
                for name, label, found in zip(names, labels, results)]

@@ -11,7 +11,8 @@ Hamming distance r, re-ranked by fc7 Euclidean distance (equal distances in mAP.
   mAP            AP of the re-ranked candidate list, normalised by the relevant candidates (0 when none)
   ms/query       the real coarse-to-fine retrieval of the top 10 at that radius (mAP.py's, as query.py runs it,
                  Hamming distances included), timed on the first --time-queries queries of the sample
-Relevant = same label; queries and database items labelled -1 take no part.
+Relevant = same label (multi-label data: shares at least one label); queries and database items without a label
+take no part.
 
 Recommended radius: among the radii whose mean candidate count reaches --topk (10; all N when the database is
 smaller), the smallest whose precision@10 is within --tolerance (0.005) of the best of them: as precise as any larger
