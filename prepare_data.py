@@ -575,35 +575,31 @@ def standard_list(list_path, protocol):
 
 
 def path_resolver(entries, source, list_path):
-    """A function list path -> the image file under source.
+    """A function list path -> the image file under source (a str: the lists name 10^5 images).
 
     The lists name images relative to the data set's folder (DeepHash-pytorch: images/..., val_image/...) or by
     the absolute path on their authors' machine (HashNet: /home/.../coco/val2014/...). The leading folders to drop
     are found once, on the first line, and dropped from every line.
     """
-    first = Path(entries[0].path)
-    parts = first.parts[1:] if first.is_absolute() else first.parts
+    parts = entries[0].path.lstrip("/").split("/")
     for drop in range(len(parts)):
-        if (source / Path(*parts[drop:])).is_file():
-            def resolve(path, drop=drop):
-                path = Path(path)
-                return source.joinpath(*(path.parts[1:] if path.is_absolute() else path.parts)[drop:])
-            return resolve
-    raise UserError(f"{list_path}:{entries[0].line}: image {first} is not under --source {source} (nor any end of "
-                    "its path); give --source the folder the list's paths start from")
+        if (source / "/".join(parts[drop:])).is_file():
+            return lambda path: os.path.join(source, *path.lstrip("/").split("/")[drop:])
+    raise UserError(f"{list_path}:{entries[0].line}: image {entries[0].path} is not under --source {source} (nor "
+                    "any end of its path); give --source the folder the list's paths start from")
 
 
 def check_files(files, entries, list_path):
-    """Every image listed exists: one listing per folder, not a stat per file (the lists name 10^5 images)."""
+    """Every image listed exists: one listing per folder, not a stat per file."""
     listed = {}
     for file, entry in zip(files, entries):
-        folder = file.parent
+        folder, name = os.path.split(file)
         if folder not in listed:
             try:
                 listed[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
             except OSError:
                 listed[folder] = set()
-        if file.name not in listed[folder]:
+        if name not in listed[folder]:
             raise UserError(f"{list_path}:{entry.line}: image {file} is missing; complete the local copy "
                             "or give --source the folder that holds it")
 
@@ -613,11 +609,7 @@ def benchmark_split(list_path, protocol, source):
     resolve = path_resolver(entries, source, list_path)
     files = [resolve(entry.path) for entry in entries]
     check_files(files, entries, list_path)
-    spaced = next((file for file in files if any(c.isspace() for c in str(file))), None)
-    if spaced is not None:  # list files separate fields by whitespace
-        raise UserError(f"{list_path}: image path {spaced} holds whitespace, which list files cannot carry; "
-                        "move the copy to a folder without spaces")
-    return Split([str(file) for file in files], [entry.label for entry in entries])
+    return Split(files, [entry.label for entry in entries])
 
 
 def load_benchmark(args):
@@ -627,6 +619,9 @@ def load_benchmark(args):
     lists = Path(args.lists).resolve() if args.lists else source
     if not source.is_dir():
         raise UserError(f"--source {args.source} is not a folder; give the local copy of {args.dataset}'s images")
+    if any(c.isspace() for c in str(source)):  # list files separate fields by whitespace; the lists' own paths have none
+        raise UserError(f"--source {source} holds whitespace, which list files cannot carry; "
+                        "move the copy to a folder without spaces")
     paths = {role: lists / name for role, name in LIST_FILES.items()}
     for role, path in paths.items():
         if not path.is_file():
