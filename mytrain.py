@@ -7,6 +7,10 @@
 The finished model is saved as model/<bits>bits_<test accuracy %>.pt (e.g. model/48bits_91.37.pt, with _2, _3
 where the name is taken), its per-epoch metrics beside it as <same name>.jsonl. While a run is going, its state
 after each completed epoch is model/<bits>bits_<start time>.resume: not a .pt, so no stage takes it for a model.
+
+Multi-label lists (an image with two labels or more, MyDataset.read_list) train the classifier with sigmoid binary
+cross-entropy, and the accuracy is then "the top-scoring class is among the image's labels"; the checkpoint stores
+label_kind and accuracy_definition.
 """
 import argparse
 import json
