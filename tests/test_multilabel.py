@@ -75,6 +75,22 @@ def test_malformed_lists_name_the_line(tmp_path, text, words):
     assert "\n" not in message and all(word in message for word in words), message
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_image_source_serves_multi_hot_rows(tmp_path, cache):
+    """Cached or streamed through DataLoader workers, a batch carries its images' multi-hot rows [B, C]."""
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        class_image(i % 3, rng).save(tmp_path / f"{i}.png")
+    entries = [MyDataset.Entry(f"{i}.png", None, i + 1) for i in range(5)]
+    hot = rng.random((5, 4)) < 0.5
+    source = MyDataset.ImageSource(tmp_path, entries, hot, 64, "hot", workers=0, cache=cache)
+    served = {}
+    for images, labels, positions in source.batches(2, torch.Generator().manual_seed(0)):
+        assert images.shape[0] == labels.shape[0] and labels.shape[1] == 4
+        served.update({int(p): row for p, row in zip(positions, labels.tolist())})
+    assert [served[i] for i in range(5)] == hot.astype(int).tolist()
+
+
 def test_top1_correct_is_the_top_class_among_the_labels():
     import mytrain
 
