@@ -110,7 +110,8 @@ def get_args_parser():
     parser.add_argument("--source", default=None,
                         help="where the data already is: fashion-mnist, the folder of the four idx files "
                              f"(default: {FASHION_MNIST_SOURCE}); cifar10, the cifar-10-batches-py folder or a "
-                             "folder of class subfolders (default: download)")
+                             "folder of class subfolders (default: download); nus-wide, coco, imagenet100, the "
+                             "local copy of the images the lists' paths start from (required)")
     parser.add_argument("--protocol", default="dlbhc", choices=("dlbhc", "dsh"),
                         help="cifar10: dlbhc, the official 50,000/10,000 split (database = training); dsh, 1,000 "
                              "queries (100 a class), 5,000 training images (500 a class) and the other 59,000 as "
