@@ -20,8 +20,8 @@ Writes under --data-root (default data/):
     prepare_data.json                   the arguments, the classes (label -> name), the counts and the protocol
 
 The database is the training split only (the protocols below set their own, never holding a query), so a query
-never finds itself in it. Fashion-MNIST and CIFAR-10 (--protocol dlbhc) keep their official train/test splits and use the class index 0..9 as the label (the names are printed and stored in
-prepare_data.json). `folder` (and cifar10 with --source a folder of classes) labels each image with its class
+never finds itself in it. Fashion-MNIST and CIFAR-10 (--protocol dlbhc) keep their official train/test splits
+and use the class index 0..9 as the label (the names are printed and stored in prepare_data.json). `folder` (and cifar10 with --source a folder of classes) labels each image with its class
 folder's name and splits every class by a seeded --test-fraction, unless the folder holds train/ and test/ folders
 of classes, whose split it keeps. --limit-per-class and --limit-test-per-class keep the first images of each class
 in the order of the source (for folder, of the sorted file names), so a smaller set is a subset of a larger one.
