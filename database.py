@@ -8,8 +8,9 @@ swapped in at the end, so a failed or killed run leaves the previous database in
     db_binary.npy, query_binary.npy     uint8 [N, ceil(bits/8)]   sigmoid > 0.5, np.packbits(axis=1), padding 0
     db_label.npy, query_label.npy       int64 [N]                 label index, -1 where unknown (single-label data)
     db_label_multihot.npy, query_label_multihot.npy
-                                        bool [N, C]               multi-label data instead: True where the item has
-                                                                  label c (meta.json "labels"); a row of False is unknown
+                                        bool [N, C]               multi-label data instead: True where the item
+                                                                  has label c (meta.json "labels"); a row of False
+                                                                  is unknown
     db_feature.npy, query_feature.npy   float16 [N, 4096]         fc7
     db_names.txt, query_names.txt       the image paths as in the list files, one a line, same order
     meta.json                           bits, model path and sha256, labels by index, label_kind ("single" or

@@ -161,7 +161,8 @@ def training_lists(args):
     if len(classes) < 2:
         raise UserError(f"{folder / 'trainlist.txt'} has {len(classes)} class; training a classifier needs at least 2")
     # multi-label when either list gives an image two labels or more: label indices [N] become multi-hot [N, C]
-    labelling = MyDataset.multi_hot if MyDataset.is_multi_label(train_entries, test_entries) else MyDataset.class_indices
+    multi = MyDataset.is_multi_label(train_entries, test_entries)
+    labelling = MyDataset.multi_hot if multi else MyDataset.class_indices
     train_labels = labelling(train_entries, classes, folder / "trainlist.txt")
     test_labels = labelling(test_entries, classes, folder / "testlist.txt")
     return folder, (train_entries, train_labels), (test_entries, test_labels), classes

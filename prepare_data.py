@@ -21,9 +21,9 @@ Writes under --data-root (default data/):
 
 The database is the training split only (the protocols below set their own, never holding a query), so a query
 never finds itself in it. Fashion-MNIST and CIFAR-10 (--protocol dlbhc) keep their official train/test splits
-and use the class index 0..9 as the label (the names are printed and stored in prepare_data.json). `folder` (and cifar10 with --source a folder of classes) labels each image with its class
-folder's name and splits every class by a seeded --test-fraction, unless the folder holds train/ and test/ folders
-of classes, whose split it keeps. --limit-per-class and --limit-test-per-class keep the first images of each class
+and use the class index 0..9 as the label (the names are printed and stored in prepare_data.json). `folder` (and
+cifar10 with --source a folder of classes) labels each image with its class folder's name and splits every class
+by a seeded --test-fraction, unless the folder holds train/ and test/ folders of classes, whose split it keeps. --limit-per-class and --limit-test-per-class keep the first images of each class
 in the order of the source (for folder, of the sorted file names), so a smaller set is a subset of a larger one.
 
 Benchmark protocols (README, Protocols). Each records `protocol` in prepare_data.json (name, queries, training
@@ -74,7 +74,8 @@ from stage import UserError, common_args_parser, elapsed, print_args, run_main, 
 DATASETS = ("fashion-mnist", "cifar10", "folder", "nus-wide", "coco", "imagenet100")
 BENCHMARKS = ("nus-wide", "coco", "imagenet100")  # read the standard list files beside a local copy of the images
 # What papers report, checked against what a run writes. topk None: mAP over the whole ranking. The last three are
-# HashNet's (Cao et al., ICCV 2017) and DeepHash-pytorch's lists: train is drawn from the database, queries are not in it.
+# HashNet's (Cao et al., ICCV 2017) and DeepHash-pytorch's lists: train is drawn from the database, queries are
+# not in it.
 PROTOCOLS = {
     "cifar10-dlbhc": {"queries": 10000, "train": 50000, "database": 50000, "classes": 10, "relevance": "same label",
                       "topk": 1000},
@@ -518,7 +519,8 @@ def check_protocol_args(args):
                         f"--source DIR [--lists DIR holding {', '.join(LIST_FILES.values())}]")
     fixed = args.dataset in BENCHMARKS or args.protocol == "dsh"
     if fixed and (args.limit_per_class is not None or args.limit_test_per_class is not None):
-        raise UserError(f"{protocol_name(args)} fixes its counts; leave out --limit-per-class and --limit-test-per-class")
+        raise UserError(f"{protocol_name(args)} fixes its counts; "
+                        "leave out --limit-per-class and --limit-test-per-class")
 
 
 def protocol_name(args):
@@ -620,7 +622,8 @@ def load_benchmark(args):
     lists = Path(args.lists).resolve() if args.lists else source
     if not source.is_dir():
         raise UserError(f"--source {args.source} is not a folder; give the local copy of {args.dataset}'s images")
-    if any(c.isspace() for c in str(source)):  # list files separate fields by whitespace; the lists' own paths have none
+    # list files separate fields by whitespace: the lists' own paths have none, the folder they go under may
+    if any(c.isspace() for c in str(source)):
         raise UserError(f"--source {source} holds whitespace, which list files cannot carry; "
                         "move the copy to a folder without spaces")
     paths = {role: lists / name for role, name in LIST_FILES.items()}
