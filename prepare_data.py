@@ -778,6 +778,9 @@ def checked_protocol(args, counts, source):
     if protocol["name"] == "cifar10-dlbhc":  # today's split of whatever --source holds: no error, and no claim
         return protocol if all(counts[role] == protocol[role] for role in ("queries", "train", "database")) else None
     check_counts(protocol, counts, {role: source for role in ("queries", "train", "database")})
+    print(f"protocol {protocol['name']}: {counts['queries']:,} queries, {counts['train']:,} training images, "
+          f"{counts['database']:,} database images, as the protocol has them; mAP@"
+          f"{protocol['topk'] or 'all'}, relevant = {protocol['relevance']}", flush=True)
     return protocol
 
 

@@ -88,6 +88,7 @@ def check_written(root, source, lists, dataset, topk, relevance):
     assert record["protocol"] == {"name": dataset, "queries": queries, "train": train, "database": database,
                                   "classes": classes, "relevance": relevance, "topk": topk}
     assert record["counts"]["database"] == database and record["counts"]["queries"] == queries
+    return record
 
 
 def prepare(*args):
@@ -101,6 +102,7 @@ def test_nus_wide(images, tmp_path):
     assert result.returncode == 0, result.stderr
     check_written(root, images, lists, "nus-wide", 5000, "shares at least one label")
     assert MyDataset.read_list(root / "image/list.txt", True).multi
+    assert "protocol nus-wide: 2,100 queries, 10,500 training images, 193,734 database images" in result.stdout
 
 
 def test_coco_with_hashnet_absolute_paths(images, tmp_path):
