@@ -148,6 +148,8 @@ def data_protocol(data_root):
 def write_database(out, parts, meta):
     """parts: {'db': (codes, labels, features, names), 'query': ...}; written to a temporary folder, then swapped in.
 
+    features None: no feature file (bench/search.py's databases, ranked without --rerank).
+
     The old database, if any, is moved aside and removed only after the new one is in place.
     """
     out = Path(out).resolve()
@@ -162,7 +164,8 @@ def write_database(out, parts, meta):
                 np.save(tmp / f"{part}_label_multihot.npy", labels.astype(bool))
             else:
                 np.save(tmp / f"{part}_label.npy", labels.astype(np.int64))
-            np.save(tmp / f"{part}_feature.npy", features)
+            if features is not None:
+                np.save(tmp / f"{part}_feature.npy", features)
             (tmp / f"{part}_names.txt").write_text("".join(name + "\n" for name in names), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
         if out.exists():
@@ -275,6 +278,28 @@ def load_database(folder, bits, features=False):
         raise UserError(f"{folder}: db and query multi-hot labels have {db.labels.shape[1]} and "
                         f"{query.labels.shape[1]} columns; rebuild with: python database.py --bits {bits}")
     return db, query, meta
+
+
+def label_text(meta, label, class_names=None):
+    """A database or query label as text, None when unknown: its token in meta.json's labels, or the class name
+    that token stands for in class_names (token -> name, from class_names()).
+
+    label: an index into meta.json's labels (-1 unknown), or a multi-hot row (the tokens joined by ',').
+    """
+    tokens, class_names = meta.get("labels") or [], class_names or {}
+    label = np.asarray(label)
+    indices = np.flatnonzero(label) if label.ndim == 1 else [int(label)]
+    known = [str(tokens[i]) for i in indices if 0 <= i < len(tokens)]
+    return ",".join(class_names.get(token, token) for token in known) or None
+
+
+def class_names(data_root):
+    """token -> class name from prepare_data.py's record (data/prepare_data.json); {} where there is none."""
+    try:
+        classes = json.loads((Path(data_root) / "prepare_data.json").read_text(encoding="utf-8"))["classes"]
+        return {str(token): str(name) for token, name in classes.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def model_for_database(folder, meta, model=None):
