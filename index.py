@@ -269,6 +269,8 @@ def load_milvus(client, name, codes, labels, kind, nlist):
     index_params.add_index(field_name="code", index_type="BIN_FLAT" if kind == "flat" else "BIN_IVF_FLAT",
                            metric_type="HAMMING", params={} if kind == "flat" else {"nlist": int(nlist)})
     client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
+    if labels.ndim == 2:  # multi-hot labels: the scalar field holds none (-1)
+        labels = np.full(len(codes), -1, dtype=np.int64)
     for start in range(0, len(codes), 20000):
         client.insert(name, [{"id": start + i, "label": int(label), "code": bytes(code)}
                              for i, (code, label) in enumerate(zip(codes[start:start + 20000],
