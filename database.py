@@ -87,13 +87,19 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
     """
     model_path = model_for_database(folder, meta, model)
     network, checkpoint = load_model(model_path, int(meta["bits"]))
+    keep, codes, features, bad = encode_files(network, checkpoint, files, device, batch_size, skip_bad)
+    return [files[i] for i in keep], codes, features, bad
+
+
+def encode_files(network, checkpoint, files, device, batch_size, skip_bad=False):
+    """Image files encoded with a loaded model (serve.py loads it once): (indices of files kept, codes, fc7, bad)."""
     entries = [MyDataset.Entry(str(path.resolve()), None, n) for n, path in enumerate(files, start=1)]
     # absolute paths: Path(cwd) / path is the path; cache=False writes nothing beside the user's images
     source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), checkpoint["img_size"],
                                    "query_images", workers=0 if len(entries) < 512 else 2, skip_bad=skip_bad,
                                    cache=False, device=device)
     codes, features = encode(network, checkpoint, source, device, batch_size)
-    return [files[i] for i in source.keep], codes, features, source.bad
+    return source.keep, codes, features, source.bad
 
 
 def known_labels(image_folder):

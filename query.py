@@ -104,15 +104,19 @@ def label_text(meta, index):
     return labels[index] if 0 <= index < len(labels) else None
 
 
+def query_entry(name, label, found, db, meta):
+    """One query's answer as query.json (and serve.py's API) gives it: r', candidates, each result's distances."""
+    return {"query": name, "label": label_text(meta, label), "radius": found["radius"],
+            "candidates": found["candidates"],
+            "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, int(db.labels[row])),
+                         "hamming": int(h), "euclidean": round(float(e), 4)}
+                        for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
+
+
 def write_results(result_dir, stem, names, labels, results, db, meta, info):
     """<stem>.txt in the original's format and <stem>.json with distances, labels and r'."""
     lines = [f"{name}:{', '.join(db.names[row] for row in found['rows'])}\n" for name, found in zip(names, results)]
-    queries = [{"query": name, "label": label_text(meta, label), "radius": found["radius"],
-                "candidates": found["candidates"],
-                "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, int(db.labels[row])),
-                             "hamming": int(h), "euclidean": round(float(e), 4)}
-                            for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
-               for name, label, found in zip(names, labels, results)]
+    queries = [query_entry(name, label, found, db, meta) for name, label, found in zip(names, labels, results)]
     text_path, json_path = Path(result_dir) / f"{stem}.txt", Path(result_dir) / f"{stem}.json"
     write_text(text_path, "".join(lines))
     write_json(json_path, {**info, "queries": queries})
