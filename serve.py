@@ -210,7 +210,10 @@ def make_app(retrieval):
                        rerank: bool = rerank_param):
         return retrieval.for_query(index, radius, topk, rerank)
 
-    @app.post("/api/query")
+    image_body = {"requestBody": {"required": True, "description": "the image file's bytes",
+                                  "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.post("/api/query", openapi_extra=image_body)
     async def query_by_upload(request: Request, topk: int | None = topk_param, radius: int | None = radius_param,
                               rerank: bool = rerank_param):
         data = await read_body(request, retrieval.max_upload_bytes())

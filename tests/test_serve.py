@@ -11,9 +11,11 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -151,10 +153,18 @@ def png_bytes(size):
     return buffer.getvalue()
 
 
+def png_claiming(width, height):
+    """A valid 1x1 PNG whose header claims width x height: a decompression bomb, refused before it is decoded."""
+    data = bytearray(png_bytes(1))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
 def test_bad_uploads_are_one_line_refusals(served):
     _, port, process = served
     truncated = png_bytes(64)[:200]
-    cases = [(b"", 400), (b"just some text, not an image\n", 400), (truncated, 400),
+    cases = [(b"", 400), (b"just some text, not an image\n", 400), (truncated, 400), (png_claiming(9000, 9000), 400),
              (os.urandom(1_200_000), 413)]  # --max-upload-mb 1
     for body, status in cases:
         got, reply = request(port, "POST", "/api/query", body)
@@ -274,5 +284,12 @@ def test_a_real_browser_clicks_a_query_and_uploads_an_image(served):
         assert driver.save_screenshot(str(screenshot))
         with Image.open(screenshot) as image:
             assert image.size[0] >= 1000 and len(np.unique(np.asarray(image.convert("L")))) > 20
+        # k and re-ranking from the page's controls: the first 4 by Hamming distance alone
+        driver.find_element("id", "topk").clear()
+        driver.find_element("id", "topk").send_keys("4")
+        driver.find_element("id", "rerank").click()
+        wait.until(grid_of_loaded_images(driver, 4))
+        shown = [card.get_attribute("title") for card in driver.find_elements("css selector", "#results .result")]
+        assert shown == hamming_reference(root, 4, 4)
     finally:
         driver.quit()
