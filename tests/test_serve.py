@@ -24,6 +24,8 @@ from PIL import Image
 from conftest import REPO, class_image, make_dataset, run
 
 BITS, TOPK = 16, 6
+# one worker builds the module's model and server (tests/run.sh runs pytest-xdist with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("serve")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
