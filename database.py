@@ -119,6 +119,8 @@ def known_labels(image_folder):
 def write_database(out, parts, meta):
     """parts: {'db': (codes, labels, features, names), 'query': ...}; written to a temporary folder, then swapped in.
 
+    features None: no feature file (bench/search.py's databases, ranked without --rerank).
+
     The old database, if any, is moved aside and removed only after the new one is in place.
     """
     out = Path(out).resolve()
@@ -130,7 +132,8 @@ def write_database(out, parts, meta):
         for part, (codes, labels, features, names) in parts.items():
             np.save(tmp / f"{part}_binary.npy", codes)
             np.save(tmp / f"{part}_label.npy", labels.astype(np.int64))
-            np.save(tmp / f"{part}_feature.npy", features)
+            if features is not None:
+                np.save(tmp / f"{part}_feature.npy", features)
             (tmp / f"{part}_names.txt").write_text("".join(name + "\n" for name in names), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
         if out.exists():
@@ -223,6 +226,40 @@ def load_database(folder, bits, features=False):
         raise UserError(f"{folder} holds {meta['bits']}-bit codes but --bits {bits} was given; use --bits {meta['bits']} "
                         f"or rebuild with: python database.py --bits {bits}")
     return load_split(folder, "db", bits, features), load_split(folder, "query", bits, features), meta
+
+
+def label_text(meta, label, class_names=None):
+    """A database or query label as text, None when unknown: its token in meta.json's labels, or the class name
+    that token stands for in class_names (token -> name, from class_names()).
+
+    label: an index into meta.json's labels (-1 unknown), or a multi-hot row (the tokens joined by ',').
+    """
+    tokens, class_names = meta.get("labels") or [], class_names or {}
+    label = np.asarray(label)
+    indices = np.flatnonzero(label) if label.ndim == 1 else [int(label)]
+    known = [str(tokens[i]) for i in indices if 0 <= i < len(tokens)]
+    return ",".join(class_names.get(token, token) for token in known) or None
+
+
+def query_answer(name, label, found, db, meta):
+    """One query's answer as query.json and serve.py's API give it: r', candidates, each result's distances.
+
+    found: one of mAP.coarse_to_fine's dicts (rows, hamming, euclidean, radius, candidates).
+    """
+    return {"query": name, "label": label_text(meta, label), "radius": found["radius"],
+            "candidates": found["candidates"],
+            "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, db.labels[row]),
+                         "hamming": int(h), "euclidean": round(float(e), 4)}
+                        for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
+
+
+def class_names(data_root):
+    """token -> class name from prepare_data.py's record (data/prepare_data.json); {} where there is none."""
+    try:
+        classes = json.loads((Path(data_root) / "prepare_data.json").read_text(encoding="utf-8"))["classes"]
+        return {str(token): str(name) for token, name in classes.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def model_for_database(folder, meta, model=None):

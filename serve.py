@@ -20,8 +20,8 @@ The JSON API (the page uses nothing else):
     curl -s --data-binary @photo.jpg 'http://127.0.0.1:8000/api/query?topk=5'
 
 Each answer is query.json's entry for the query (radius r', candidates, results with name, index, label, hamming,
-euclidean) plus, per result, its image URL and whether its label is the query's (true, false, or null when either
-is unknown); rerank=false gives the first k by Hamming distance alone (mAP.py's ranking rule), r' and candidates
+euclidean) plus, per result, its class name (from data/prepare_data.json where there is one, else the label), its
+image URL and whether it shares the query's label (true, false, or null when either is unknown); rerank=false gives the first k by Hamming distance alone (mAP.py's ranking rule), r' and candidates
 then null. A bad upload is a 400 with one line in "detail", a body over --max-upload-mb a 413.
 """
 import argparse
@@ -37,7 +37,6 @@ import MyDataset
 import database
 import mAP
 from net import load_model
-from query import add_retrieval_args, label_text, open_retrieval, query_entry
 from stage import UserError, common_args_parser, print_args, run_main
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -46,9 +45,11 @@ MAX_PIXELS = 64_000_000  # an upload's width x height: a 64 MP photo decodes to 
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("serve.py", description=__doc__.split("\n")[0], parents=[common_args_parser()],
+    parser = argparse.ArgumentParser("serve.py", description=__doc__.split("\n")[0],
+                                     parents=[common_args_parser(), mAP.retrieval_args_parser(result_help="where "
+                                              "search.py's radius recommendation is read from"),
+                                              mAP.coarse_to_fine_args_parser()],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_retrieval_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -69,17 +70,18 @@ class Retrieval:
 
     def __init__(self, args):
         self.args = args
-        self.device, self.db, self.query, self.meta, self.radius, self.radius_from, self.ranking = open_retrieval(args)
+        self.device, self.db, self.query, self.meta, self.radius, self.radius_from, self.items = mAP.open_retrieval(args)
         # query.py checks the model only for --image; a server takes images at any time, so it checks at start
         model_path = database.model_for_database(args.database, self.meta, args.model)
         self.network, self.checkpoint = load_model(model_path, args.bits)
         self.data_root = Path(args.data_root).resolve()
-        # Ranking keeps caches and sets torch's thread count while it works: one request ranks at a time
+        self.class_names = database.class_names(args.data_root)
+        # the ranking sets torch's thread count while it works, and the model runs one batch at a time
         self.lock = threading.Lock()
 
     def info(self):
         return {"bits": self.args.bits, "radius": self.radius, "radius_from": self.radius_from, "topk": self.args.topk,
-                "max_topk": MAX_TOPK, "num_database": self.ranking.size, "num_queries": len(self.query.names),
+                "max_topk": MAX_TOPK, "num_database": self.items.size, "num_queries": len(self.query.names),
                 "labels": self.meta.get("labels") or [], "model": self.meta.get("model"),
                 "max_upload_bytes": self.max_upload_bytes()}
 
@@ -90,7 +92,8 @@ class Retrieval:
         rows = range(offset, min(offset + limit, len(self.query.names)))
         return {"total": len(self.query.names), "offset": offset,
                 "queries": [{"index": i, "name": self.query.names[i],
-                             "label": label_text(self.meta, int(self.query.labels[i])),
+                             "label": database.label_text(self.meta, self.query.labels[i]),
+                             "class": database.label_text(self.meta, self.query.labels[i], self.class_names),
                              "image": image_url("query", self.query.names[i])} for i in rows]}
 
     def for_query(self, index, radius, topk, rerank):
@@ -98,8 +101,7 @@ class Retrieval:
             raise BadRequest(404, f"no query {index}: the database holds {len(self.query.names)} "
                                   f"(0..{len(self.query.names) - 1})")
         codes, features = self.query.codes[index:index + 1], np.asarray(self.query.features[index:index + 1])
-        answer = self.answer(self.query.names[index], int(self.query.labels[index]), codes, features, radius, topk,
-                             rerank)
+        answer = self.answer(self.query.names[index], self.query.labels[index], codes, features, radius, topk, rerank)
         return {**answer, "index": index, "image": image_url("query", self.query.names[index])}
 
     def for_upload(self, data, radius, topk, rerank):
@@ -108,30 +110,36 @@ class Retrieval:
             path.write_bytes(data)
             check_upload(path)
             with self.lock:
-                _, codes, features, _ = database.encode_files(self.network, self.checkpoint, [path], self.device, 1)
-        return {**self.answer("upload", -1, codes, features, radius, topk, rerank), "index": None, "image": None}
+                _, codes, features, _ = database.encode_files(self.network, self.checkpoint, [path], self.device,
+                                                            self.args.batch_size)
+        return {**self.answer("upload", None, codes, features, radius, topk, rerank), "index": None, "image": None}
 
     def answer(self, name, label, codes, features, radius, topk, rerank):
-        """query.json's entry for one query, with image URLs and relevance; the retrieval is query.py's."""
+        """query.json's entry for one query (label None: unknown), with class names, image URLs and relevance;
+        the retrieval is query.py's."""
         radius = self.radius if radius is None else radius
         topk = self.args.topk if topk is None else topk
         if not 0 <= radius <= self.args.bits:
             raise BadRequest(400, f"radius {radius}: give a radius between 0 and {self.args.bits}")
         with self.lock:
             # where index.py's candidates will come in, as in query.py: the same call answers both
-            found = (self.ranking.coarse_to_fine(codes, features, radius, topk) if rerank
+            found = (mAP.coarse_to_fine(self.items, codes, features, radius, topk) if rerank
                      else self.hamming_only(codes, features, topk))[0]
-        entry = query_entry(name, label, found, self.db, self.meta)
-        for result in entry["results"]:
-            item_label = int(self.db.labels[result["index"]])
+        entry = database.query_answer(name, -1 if label is None else label, found, self.db, self.meta)
+        item_labels = self.db.labels[found["rows"]]
+        known = label is not None and len(mAP.labelled([label])) > 0
+        relevant = mAP.relevance(np.asarray([label]), item_labels)[0] if known else [None] * len(item_labels)
+        for result, item_label, shares in zip(entry["results"], item_labels, relevant):
+            result["class"] = database.label_text(self.meta, item_label, self.class_names)
             result["image"] = image_url("image", result["name"])
-            result["relevant"] = None if label < 0 or item_label < 0 else item_label == label
-        return {**entry, "rerank": rerank, "radius_asked": radius, "topk": topk, "num_database": self.ranking.size}
+            result["relevant"] = None if shares is None or not len(mAP.labelled([item_label])) else bool(shares)
+        entry["class"] = None if label is None else database.label_text(self.meta, label, self.class_names)
+        return {**entry, "rerank": rerank, "radius_asked": radius, "topk": topk, "num_database": self.items.size}
 
     def hamming_only(self, codes, features, topk):
         """The first k by Hamming distance (mAP.py's rule, no re-ranking), with their fc7 distances for display."""
-        rows, hamming = self.ranking.topk(codes, topk)
-        squared = mAP.squared_euclidean(features, self.ranking.features, rows[0])
+        rows, hamming = mAP.topk(self.items, codes, topk)
+        squared = mAP.squared_euclidean(features, self.items.features, rows[0])
         return [{"rows": rows[0], "hamming": hamming[0], "euclidean": np.sqrt(squared[0]), "radius": None,
                  "candidates": None}]
 
@@ -248,7 +256,7 @@ def main():
     retrieval = Retrieval(args)
     import uvicorn
 
-    print(f"{retrieval.ranking.size} database items, {len(retrieval.query.names)} queries, radius {retrieval.radius} "
+    print(f"{retrieval.items.size} database items, {len(retrieval.query.names)} queries, radius {retrieval.radius} "
           f"({retrieval.radius_from}): serving http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(make_app(retrieval), host=args.host, port=args.port, log_level="warning")
 

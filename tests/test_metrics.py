@@ -98,15 +98,15 @@ def reference_metrics(db, query, bits, topk, ties="shuffle", rerank=False):
             "precision": np.array(precision), "recall": np.array(recall)}
 
 
-def ranking_for(db, bits, ties="shuffle", **kwargs):
+def items_for(db, bits, ties="shuffle", **kwargs):
     codes, labels, features = db
-    return mAP.Ranking(codes, bits, labels, features, mAP.labelled(labels), ties, **kwargs)
+    return mAP.prepare_items(codes, bits, labels, features, mAP.labelled(labels), ties, **kwargs)
 
 
 def evaluate(db, query, bits, topk, ties="shuffle", rerank=False, **kwargs):
     take = mAP.labelled(query[1])
     features = query[2][take] if rerank else None
-    return ranking_for(db, bits, ties, **kwargs).evaluate(query[0][take], query[1][take], topk, features)
+    return mAP.evaluate(items_for(db, bits, ties, **kwargs), query[0][take], query[1][take], topk, features)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_every_metric_matches_the_reference(bits, ties, rerank):
 def test_the_data_has_many_ties():
     db, query = make_data(12)
     assert len(np.unique(db[0], axis=0)) < len(db[0]) / 2
-    distances = ranking_for(db, 12).distances(query[0])
+    distances = mAP.hamming_distances(items_for(db, 12), query[0])
     assert max(np.bincount(row).max() for row in distances) > 20
 
 
@@ -161,9 +161,9 @@ def test_chunks_and_threads_do_not_change_any_figure():
         assert one[name] == whole[name]
     for name in ("precision_at_k", "pr_precision", "pr_recall"):
         assert np.array_equal(one[name], whole[name])
-    small = ranking_for(db, 16, memory_mb=1, threads=2)
-    big = ranking_for(db, 16, memory_mb=512, threads=1)
-    for a, b in zip(small.topk(query[0], 17), big.topk(query[0], 17)):
+    small = items_for(db, 16, memory_mb=1, threads=2)
+    big = items_for(db, 16, memory_mb=512, threads=1)
+    for a, b in zip(mAP.topk(small, query[0], 17), mAP.topk(big, query[0], 17)):
         assert np.array_equal(a, b)
 
 
@@ -173,19 +173,19 @@ def test_ties_index_follows_database_order_and_shuffle_does_not():
     labels = np.repeat(np.arange(3), per_class)
     codes = np.zeros((len(labels), 2), dtype=np.uint8)
     query_codes, query_labels = np.zeros((1, 2), dtype=np.uint8), np.array([0])
-    by_index = mAP.Ranking(codes, bits, labels, ties="index").evaluate(query_codes, query_labels, 40)
-    shuffled = mAP.Ranking(codes, bits, labels, ties="shuffle").evaluate(query_codes, query_labels, 40)
+    by_index = mAP.evaluate(mAP.prepare_items(codes, bits, labels, ties="index"), query_codes, query_labels, 40)
+    shuffled = mAP.evaluate(mAP.prepare_items(codes, bits, labels, ties="shuffle"), query_codes, query_labels, 40)
     assert by_index["map_all"] == 1.0 and by_index["map_topk"] == 1.0
     assert shuffled["map_all"] < 0.6
-    rows, _ = mAP.Ranking(codes, bits, labels, ties="shuffle").topk(query_codes, 5)
+    rows, _ = mAP.topk(mAP.prepare_items(codes, bits, labels, ties="shuffle"), query_codes, 5)
     assert list(rows[0]) == list(np.random.default_rng(0).permutation(len(labels))[:5])
 
 
 @pytest.mark.parametrize("bits,ties", [(12, "shuffle"), (16, "index"), (70, "shuffle")])
 def test_topk_is_the_head_of_the_reference_ranking(bits, ties):
     db, query = make_data(bits, seed=5, unlabelled_db=7)
-    ranking = ranking_for(db, bits, ties)
-    rows, distances = ranking.topk(query[0], 23)
+    items = items_for(db, bits, ties)
+    rows, distances = mAP.topk(items, query[0], 23)
     for i, (_, ranked) in enumerate(reference_rankings(db, (query[0], np.zeros(len(query[1]), int), query[2]),
                                                       bits, ties)):
         assert list(rows[i]) == [j for j, _ in ranked[:23]]
@@ -197,7 +197,7 @@ def test_distances_of_long_codes_count_every_word():
     for bits in (7, 64, 65, 300):
         a = rng.integers(0, 2, size=(5, bits), dtype=np.uint8)
         b = rng.integers(0, 2, size=(9, bits), dtype=np.uint8)
-        got = mAP.Ranking(np.packbits(b, axis=1), bits, ties="index").distances(np.packbits(a, axis=1))
+        got = mAP.hamming_distances(mAP.prepare_items(np.packbits(b, axis=1), bits, ties="index"), np.packbits(a, axis=1))
         assert np.array_equal(got, (a[:, None, :] != b[None, :, :]).sum(axis=2))
 
 
@@ -207,8 +207,8 @@ def test_distances_in_blocks_equal_one_pass(monkeypatch):
     for bits in (48, 130):
         a = rng.integers(0, 2, size=(4, bits), dtype=np.uint8)
         b = rng.integers(0, 2, size=(60, bits), dtype=np.uint8)
-        ranking = mAP.Ranking(np.packbits(b, axis=1), bits, labels=rng.integers(0, 3, 60), ties="index")
-        assert np.array_equal(ranking.distances(np.packbits(a, axis=1)), (a[:, None, :] != b[None, :, :]).sum(axis=2))
+        items = mAP.prepare_items(np.packbits(b, axis=1), bits, labels=rng.integers(0, 3, 60), ties="index")
+        assert np.array_equal(mAP.hamming_distances(items, np.packbits(a, axis=1)), (a[:, None, :] != b[None, :, :]).sum(axis=2))
     db, query = make_data(16, seed=8)
     blocked = evaluate(db, query, 16, 30)
     monkeypatch.setattr(mAP, "DISTANCE_BLOCK", 65536)
@@ -247,8 +247,8 @@ def reference_coarse_to_fine(db, query_bits, query_feature, bits, radius, topk, 
 def test_coarse_to_fine_matches_the_reference(radius, topk, grow):
     bits = 16
     db, query = make_data(bits, seed=11)
-    ranking = mAP.Ranking(db[0], bits, db[1], db[2], memory_mb=1)
-    got = ranking.coarse_to_fine(query[0], query[2], radius, topk, grow)
+    items = mAP.prepare_items(db[0], bits, db[1], db[2], memory_mb=1)
+    got = mAP.coarse_to_fine(items, query[0], query[2], radius, topk, grow)
     for i, query_bits in enumerate(bit_lists(query[0], bits)):
         used, rows, hamming_distances, euclid = reference_coarse_to_fine(db, query_bits, query[2][i], bits, radius,
                                                                          topk, grow)
@@ -265,8 +265,8 @@ def test_radius_metrics_match_the_reference():
     db, query = make_data(bits, seed=2, unlabelled_db=6)
     take = mAP.labelled(query[1])
     radii = list(range(0, 7))
-    ranking = ranking_for(db, bits)
-    got = ranking.radius_metrics(query[0][take], query[1][take], query[2][take], radii, depth)
+    items = items_for(db, bits)
+    got = mAP.radius_study(items, query[0][take], query[1][take], query[2][take], radii, depth)
     items = [j for j in range(len(db[1])) if db[1][j] >= 0]
     rank = tie_rank(len(items), "shuffle")
     db_bits = bit_lists(db[0], bits)
@@ -296,12 +296,12 @@ def test_float_keys_order_like_the_distances():
 
 
 def assert_same_rankings(cpu, gpu, query):
-    assert np.array_equal(cpu.distances(query[0]), gpu.distances(query[0]))
-    for a, b in zip(cpu.topk(query[0], 31), gpu.topk(query[0], 31)):
+    assert np.array_equal(mAP.hamming_distances(cpu, query[0]), mAP.hamming_distances(gpu, query[0]))
+    for a, b in zip(mAP.topk(cpu, query[0], 31), mAP.topk(gpu, query[0], 31)):
         assert np.array_equal(a, b)
     take = mAP.labelled(query[1])
-    want = cpu.evaluate(query[0][take], query[1][take], 40)
-    got = gpu.evaluate(query[0][take], query[1][take], 40)
+    want = mAP.evaluate(cpu, query[0][take], query[1][take], 40)
+    got = mAP.evaluate(gpu, query[0][take], query[1][take], 40)
     for name in ("ap_all", "ap_k", "precision", "recall"):
         assert np.array_equal(got["per_query"][name], want["per_query"][name])
     assert np.array_equal(got["precision_at_k"], want["precision_at_k"])
@@ -311,16 +311,16 @@ def assert_same_rankings(cpu, gpu, query):
 def test_the_cuda_code_on_cpu_tensors_gives_the_numpy_results(bits):
     """The GPU path's torch code (+-1 products, int64 keys, torch.sort, searchsorted), run here on the CPU."""
     db, query = make_data(bits, seed=4, unlabelled_db=5)
-    torch_path = ranking_for(db, bits)
+    torch_path = items_for(db, bits)
     torch_path.on_gpu = True  # the device stays the CPU: only the code path changes
-    assert_same_rankings(ranking_for(db, bits, memory_mb=1), torch_path, query)
+    assert_same_rankings(items_for(db, bits, memory_mb=1), torch_path, query)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 @pytest.mark.parametrize("bits", [12, 70])
 def test_cuda_gives_the_cpu_results(bits):
     db, query = make_data(bits, seed=4, unlabelled_db=5)
-    cpu = ranking_for(db, bits, memory_mb=1)
-    gpu = ranking_for(db, bits, device=torch.device("cuda"))
+    cpu = items_for(db, bits, memory_mb=1)
+    gpu = items_for(db, bits, device=torch.device("cuda"))
     assert gpu.on_gpu
     assert_same_rankings(cpu, gpu, query)

@@ -125,7 +125,7 @@ def test_the_api_answers_as_query_py(served):
     for index, (line, expected) in enumerate(zip(lines, answers)):
         answer = get_json(port, f"/api/query/{index}")
         assert [item["name"] for item in answer["results"]] == line
-        assert answer["results"] == [{**item, "image": f"/data/image/{item['name']}",
+        assert answer["results"] == [{**item, "class": item["label"], "image": f"/data/image/{item['name']}",
                                       "relevant": item["label"] == expected["label"]} for item in expected["results"]]
         assert (answer["radius"], answer["candidates"], answer["label"]) == (expected["radius"], expected["candidates"],
                                                                             expected["label"])
