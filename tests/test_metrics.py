@@ -43,16 +43,28 @@ def tie_rank(count, ties):
     return rank
 
 
+def has_label(label):
+    """A label takes part: >= 0, or a multi-hot row with at least one 1."""
+    return any(int(x) != 0 for x in label) if np.ndim(label) else label >= 0
+
+
+def shares(a, b):
+    """The relevance rule, slowly: the same label, or a class both multi-hot rows hold."""
+    if np.ndim(a):
+        return any(int(x) != 0 and int(y) != 0 for x, y in zip(a, b))
+    return a >= 0 and a == b
+
+
 def reference_rankings(db, query, bits, ties="shuffle", rerank=False):
     """For each labelled query: (its label, the labelled database items in ranked order as (index, distance))."""
     db_codes, db_labels, db_features = db
     query_codes, query_labels, query_features = query
-    items = [j for j in range(len(db_labels)) if db_labels[j] >= 0]
+    items = [j for j in range(len(db_labels)) if has_label(db_labels[j])]
     rank = tie_rank(len(items), ties)
     db_bits = bit_lists(db_codes, bits)
     out = []
     for i, query_bits in enumerate(bit_lists(query_codes, bits)):
-        if query_labels[i] < 0:
+        if not has_label(query_labels[i]):
             continue
         distance = {j: hamming(query_bits, db_bits[j]) for j in items}
 
@@ -70,7 +82,7 @@ def reference_metrics(db, query, bits, topk, ties="shuffle", rerank=False):
     db_labels = db[1]
     ap_all, ap_k, curves, precision, recall = [], [], [], [], []
     for label, ranked in reference_rankings(db, query, bits, ties, rerank):
-        relevant = [db_labels[j] == label for j, _ in ranked]
+        relevant = [shares(label, db_labels[j]) for j, _ in ranked]
         total = sum(relevant)
         hits, gain, gain_k, hits_k = 0, 0.0, 0.0, 0
         curve = []
@@ -89,7 +101,7 @@ def reference_metrics(db, query, bits, topk, ties="shuffle", rerank=False):
         curves.append(curve)
         p_row, r_row = [], []
         for radius in range(bits + 1):
-            inside = [db_labels[j] == label for j, d in ranked if d <= radius]
+            inside = [shares(label, db_labels[j]) for j, d in ranked if d <= radius]
             p_row.append(sum(inside) / len(inside) if inside else 0.0)
             r_row.append(sum(inside) / total if total else 0.0)
         precision.append(p_row)
@@ -260,14 +272,17 @@ def test_coarse_to_fine_matches_the_reference(radius, topk, grow):
         assert all(len(r["rows"]) == min(topk, len(db[0])) for r in got)
 
 
-def test_radius_metrics_match_the_reference():
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_radius_metrics_match_the_reference(multi_label):
     bits, depth = 12, 10
     db, query = make_data(bits, seed=2, unlabelled_db=6)
+    if multi_label:
+        db, query = multi_hot_data(db, query, classes=5, seed=2)
     take = mAP.labelled(query[1])
     radii = list(range(0, 7))
     items = items_for(db, bits)
     got = mAP.radius_study(items, query[0][take], query[1][take], query[2][take], radii, depth)
-    items = [j for j in range(len(db[1])) if db[1][j] >= 0]
+    items = [j for j in range(len(db[1])) if has_label(db[1][j])]
     rank = tie_rank(len(items), "shuffle")
     db_bits = bit_lists(db[0], bits)
     for row, i in enumerate(take):
@@ -276,7 +291,7 @@ def test_radius_metrics_match_the_reference():
             inside = [n for n, j in enumerate(items) if hamming(query_bits, db_bits[j]) <= radius]
             inside.sort(key=lambda n: (sum((float(a) - float(b)) ** 2 for a, b in zip(query[2][i], db[2][items[n]])),
                                        rank[n]))
-            relevant = [db[1][items[n]] == query[1][i] for n in inside]
+            relevant = [shares(query[1][i], db[1][items[n]]) for n in inside]
             assert got["candidates"][row, column] == len(inside)
             want_precision = sum(relevant[:depth]) / min(depth, len(relevant)) if relevant else 0.0
             assert got["precision"][row, column] == pytest.approx(want_precision, rel=1e-12)
@@ -286,6 +301,69 @@ def test_radius_metrics_match_the_reference():
                     hits += 1
                     gain += hits / n
             assert got["ap"][row, column] == pytest.approx(gain / hits if hits else 0.0, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-label relevance: an item is relevant when it shares at least one label with the query
+
+
+def multi_hot_data(db, query, classes, seed, dtype=bool, orphans=3):
+    """make_data's codes with multi-hot labels [n, classes]: an item holds its single label's class and each other
+    class but the last with probability min(0.3, 4 / classes); unlabelled items hold none. No database item holds the last class, and
+    the first `orphans` queries hold only it: they have no relevant item."""
+    rng = np.random.default_rng(seed)
+
+    def hot(labels, orphaned):
+        rows = (rng.random((len(labels), classes)) < min(0.3, 4 / classes)) & (labels >= 0)[:, None]
+        rows[:, -1] = False
+        rows[labels >= 0, labels[labels >= 0]] = True
+        rows[:orphaned] = False
+        rows[:orphaned, -1] = True
+        return rows.astype(dtype)
+
+    return (db[0], hot(db[1], 0), db[2]), (query[0], hot(query[1], orphans), query[2])
+
+
+@pytest.mark.parametrize("bits,ties,rerank,classes,dtype", [(12, "shuffle", False, 5, bool), (16, "index", False, 5, np.uint8),
+                                                            (12, "shuffle", True, 5, bool), (70, "shuffle", False, 70, np.uint8)])
+def test_multi_label_metrics_match_the_reference(bits, ties, rerank, classes, dtype):
+    db, query = make_data(bits, seed=bits + 1, classes=min(classes - 1, 4), unlabelled_db=9, unlabelled_query=4)
+    db, query = multi_hot_data(db, query, classes, seed=bits, dtype=dtype)
+    topk = 40
+    got = evaluate(db, query, bits, topk, ties, rerank, memory_mb=1)
+    want = reference_metrics(db, query, bits, topk, ties, rerank)
+    assert np.all(got["per_query"]["ap_all"][:3] == 0) and np.all(got["per_query"]["recall"][:3] == 0)
+    assert np.count_nonzero(got["per_query"]["ap_all"]) > len(want["ap_all"]) - 4
+    for name in ("ap_all", "ap_k", "precision", "recall"):
+        np.testing.assert_allclose(got["per_query"][name], want[name], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got["precision_at_k"], want["precision_at_k"], rtol=1e-12, atol=0)
+    assert got["map_all"] == pytest.approx(want["ap_all"].mean(), rel=1e-12)
+    assert got["map_topk"] == pytest.approx(want["ap_k"].mean(), rel=1e-12)
+    assert got["precision_r2"] == pytest.approx(want["precision"][:, 2].mean(), rel=1e-12)
+    assert got["recall_r2"] == pytest.approx(want["recall"][:, 2].mean(), rel=1e-12)
+    np.testing.assert_allclose(got["pr_precision"], want["precision"].mean(axis=0), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got["pr_recall"], want["recall"].mean(axis=0), rtol=1e-12, atol=0)
+
+
+def test_one_hot_labels_give_the_single_label_figures_exactly():
+    db, query = make_data(16, seed=9, unlabelled_db=5, unlabelled_query=3)
+    one_hot = [(split[0], (split[1][:, None] == np.arange(3)).astype(np.uint8), split[2]) for split in (db, query)]
+    single, multi = evaluate(db, query, 16, 30, rerank=True), evaluate(*one_hot, 16, 30, rerank=True)
+    for name in ("map_all", "map_topk", "precision_r2", "recall_r2", "precision_at_k", "pr_precision", "pr_recall"):
+        assert np.array_equal(single[name], multi[name])
+
+
+def test_relevance_is_sharing_a_label():
+    rng = np.random.default_rng(3)
+    single_query, single_db = rng.integers(-1, 4, 20), rng.integers(-1, 4, 50)
+    want = [[shares(a, b) for b in single_db] for a in single_query]
+    assert np.array_equal(mAP.relevance(single_query, single_db), want)
+    for classes in (3, 64, 65, 130):  # one word of labels, and several
+        query_hot, db_hot = rng.random((20, classes)) < 2 / classes, rng.random((50, classes)) < 2 / classes
+        want = [[shares(a, b) for b in db_hot] for a in query_hot]
+        assert np.array_equal(mAP.relevance(query_hot, db_hot.astype(np.uint8)), want)
+    with pytest.raises(ValueError):
+        mAP.relevance(single_query, db_hot)
 
 
 def test_float_keys_order_like_the_distances():

@@ -119,6 +119,18 @@ def test_demo_draws_a_query_and_its_results(workdir):
     assert failed.returncode == 2 and "--data-root" in failed.stderr
 
 
+def test_demo_titles_name_the_classes_prepare_data_recorded(tmp_path):
+    import database
+
+    meta = {"labels": ["0", "1", "bird"]}
+    (tmp_path / "prepare_data.json").write_text(json.dumps({"classes": {"0": "T-shirt/top", "1": "Trouser"}}))
+    names = database.class_names(tmp_path)
+    assert [database.label_text(meta, label, names) for label in (0, 1, 2, -1, 7)] == \
+        ["T-shirt/top", "Trouser", "bird", None, None]
+    assert database.label_text(meta, np.array([1, 0, 1], dtype=np.uint8), names) == "T-shirt/top,bird"
+    assert database.class_names(tmp_path / "absent") == {} and database.label_text(meta, 1) == "1"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad databases: one line on stderr, exit status 2, for every stage
 
