@@ -66,7 +66,7 @@ class BadRequest(Exception):
 
 
 class Retrieval:
-    """The model, the database and its Ranking, loaded once; answers queries by index and uploaded images."""
+    """The model, the database and its ranking Items, loaded once; answers queries by index and uploaded images."""
 
     def __init__(self, args):
         self.args = args
