@@ -2,6 +2,7 @@
 
     python database.py --bits 48                      # the newest 48-bit model in model/
     python database.py --bits 48 --model model/48bits_91.37.pt --out database
+    torchrun --nproc-per-node 8 database.py --bits 48   # whole batches dealt to 8 GPUs; rank 0 writes
 
 Writes under --out (default database/), all at once: the files go to a temporary folder beside it that is
 swapped in at the end, so a failed or killed run leaves the previous database intact.

@@ -3,10 +3,13 @@
     python mytrain.py --bits 48                                      # ImageNet-initialised, as in DLBHC
     python mytrain.py --bits 48 --pretrained none --img-size 64 --device cpu --epochs 8    # the CPU quick mode
     python mytrain.py --bits 48 --resume                             # continue the last interrupted 48-bit run
+    torchrun --nproc-per-node 8 mytrain.py --bits 48                 # 8 GPUs; --batch-size is the global batch
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT mytrain.py --bits 48
 
 The finished model is saved as model/<bits>bits_<test accuracy %>.pt (e.g. model/48bits_91.37.pt, with _2, _3
 where the name is taken), its per-epoch metrics beside it as <same name>.jsonl. While a run is going, its state
 after each completed epoch is model/<bits>bits_<start time>.resume: not a .pt, so no stage takes it for a model.
+Under torchrun rank 0 alone writes these files (README, Several GPUs and machines).
 """
 import argparse
 import json

@@ -112,6 +112,10 @@ def distributed_run(ranks):
     """
     try:
         yield
+    except UserError as err:
+        if ranks.is_main:
+            raise
+        raise UserError(f"rank {ranks.rank}: {err}") from err  # each rank says it once; rank 0 as without torchrun
     except (RuntimeError, dist.DistError) as err:
         first_line = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         if ranks.world_size == 1 or "--debug" in sys.argv or not _lost_contact(err):
