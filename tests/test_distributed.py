@@ -5,6 +5,7 @@
 torchrun is started as `python -m torch.distributed.run`, the launcher itself, with one thread per process (the
 same count in the single-process references: on the CPU a float result depends on the thread count).
 """
+import contextlib
 import json
 import os
 import signal
@@ -146,6 +147,30 @@ def test_a_killed_rank_ends_the_job_and_resume_finishes_it(trained):
     assert "from epoch 2 of 2" in resumed.stdout
     assert not list((root / "killed").glob("*.resume"))
     assert epochs_of(root / "killed") == pytest.approx(epochs_of(root / "two"), rel=1e-4)
+
+
+def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(trained):
+    """SIGSTOP rank 1 (a hung process, or a machine cut off): rank 0 gives up after --dist-timeout with one line,
+    and torchrun ends the job non-zero instead of waiting forever."""
+    root, _ = trained
+    args = torchrun_args("mytrain.py", *TRAIN[:-2], "--dist-timeout", 30, "--model-dir", "stopped")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **THREADS}
+    launcher = subprocess.Popen([sys.executable, *map(str, args)], cwd=root, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not list((root / "stopped").glob("*.resume")) and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = worker_pid(launcher.pid, 1)
+    assert pid is not None and launcher.poll() is None, "the run ended before its second epoch"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        output, _ = launcher.communicate(timeout=300)  # 30 s for the timeout, 30 s for torchrun to kill rank 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    assert "error: rank 0 lost contact with the other ranks (" in output, output[-3000:]
+    assert "continue it with the same command and --resume" in output
 
 
 def test_batch_smaller_than_the_ranks_is_refused(trained):
