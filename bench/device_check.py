@@ -7,10 +7,10 @@ What it runs, each step a real command line, in --scratch (default result/device
   1. the CUDA-only tests: python -m pytest -q -m cuda tests
   2. prepare_data.py fashion-mnist from --source (the GPU machine needs no internet), --train-per-class images a class
   3. mytrain.py at 224 px for --epochs epochs on one GPU: training images/s from its log
-  4. bench/train.py at 224 px: the bare training step (ceiling), a PIL DataLoader pipeline and mytrain.py's pipeline,
-     encoding against a bare forward pass
-  5. database.py, then mAP.py on the GPU and on the CPU: the same metrics, and how much faster
-  6. with several visible GPUs: mytrain.py under torchrun on all of them, scaling efficiency against one
+  4. database.py, then mAP.py on the GPU and on the CPU: the same metrics, and how much faster
+  5. with several visible GPUs: mytrain.py under torchrun on all of them, scaling efficiency against one
+  6. bench/train.py's measurement at 224 px on the same images: the bare training step (ceiling), a PIL DataLoader
+     pipeline and mytrain.py's pipeline, and encoding against a bare forward pass
 and writes result/device_check.json with every figure and the targets: training >= 0.9 of the bare step and
 >= 10x the PIL pipeline, encoding >= 0.9 of its ceiling, scaling efficiency >= 0.9. Without CUDA it says so in one
 line and exits 2.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "bench"))
 
 from stage import UserError, print_args, run_main, write_json  # noqa: E402
 
@@ -96,16 +97,24 @@ def train(args, paths, report, device):
 
 
 def pipelines(args, paths, report, device):
-    """bench/train.py: the bare step, the PIL pipeline and mytrain.py's, encoding against its ceiling."""
-    command("bench_train", ["bench/train.py", "--device", device, "--img-size", args.img_size, "--batch-size",
-                            args.batch_size, "--steps", args.steps, "--rounds", 2, "--data-root", paths["data"],
-                            "--scratch", paths["bench"], "--result", paths["result"]], report["steps"])
-    rows = json.loads((paths["result"] / "bench_train.json").read_text())["rows"]
-    row = rows[0]  # Fashion-MNIST, data/image: the set the training run used
-    report["pipelines"] = {"set": row["set"], "images_per_second": {k: row[k] for k in
-                                                                    ("ceiling", "mytrain", "standard", "encode",
-                                                                     "encode_ceiling")}}
-    return row
+    """bench/train.py's measurement on the Fashion-MNIST training list: the bare step (ceiling), a PIL DataLoader
+    pipeline, mytrain.py's pipeline, and encoding against a bare forward pass; in this process, then freed."""
+    import torch
+
+    from train import bench_set  # bench/train.py, beside this file
+
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    settings = argparse.Namespace(img_size=args.img_size, batch_size=args.batch_size, steps=args.steps, rounds=2,
+                                  workers=min(16, os.cpu_count() or 1))
+    started = time.perf_counter()
+    row = bench_set("fashion-mnist", paths["data"] / "image", "trainlist.txt", settings, torch.device(device))
+    keys = ("ceiling", "mytrain", "standard", "encode", "encode_ceiling")
+    report["pipelines"] = {"images_per_second": {k: round(row[k], 1) for k in keys}, "settings": vars(settings)}
+    report["steps"]["pipelines"] = {"seconds": round(time.perf_counter() - started, 2)}
+    print(f"pipelines: {report['pipelines']['images_per_second']}", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def encode_and_rank(args, paths, report, device):
@@ -171,10 +180,10 @@ def main():
     try:
         cuda_tests(report)
         train_args = train(args, paths, report, device)
-        pipelines(args, paths, report, device)
         encode_and_rank(args, paths, report, device)
         if gpus > 1:
             ddp_scaling(args, train_args, paths, report, gpus)
+        pipelines(args, paths, report, device)
     except (StepFailed, subprocess.TimeoutExpired) as err:
         report["failed"] = str(err)
     report["targets"] = verdicts(report)
