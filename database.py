@@ -7,10 +7,18 @@
 Writes under --out (default database/), all at once: the files go to a temporary folder beside it that is
 swapped in at the end, so a failed or killed run leaves the previous database intact.
     db_binary.npy, query_binary.npy     uint8 [N, ceil(bits/8)]   sigmoid > 0.5, np.packbits(axis=1), padding 0
-    db_label.npy, query_label.npy       int64 [N]                 label index, -1 where unknown
+    db_label.npy, query_label.npy       int64 [N]                 label index, -1 where unknown (single-label data)
+    db_label_multihot.npy, query_label_multihot.npy
+                                        bool [N, C]               multi-label data instead: True where the item
+                                                                  has label c (meta.json "labels"); a row of False
+                                                                  is unknown
     db_feature.npy, query_feature.npy   float16 [N, 4096]         fc7
     db_names.txt, query_names.txt       the image paths as in the list files, one a line, same order
-    meta.json                           bits, model path and sha256, labels by index, img_size, counts, time
+    meta.json                           bits, model path and sha256, labels by index, label_kind ("single" or
+                                        "multi"), protocol (from <data-root>/prepare_data.json), img_size, counts, time
+
+The database is multi-label when a line of list.txt or query/list.txt (or the trainlist/testlist line an unlabelled
+one falls back to) has two labels or more; relevance is then "shares at least one label" (mAP.py).
 
 This module owns that format: its writer (here) and its reader (load_database), which every later stage uses.
 """
@@ -128,13 +136,40 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
 
 
 def known_labels(image_folder):
-    """path -> label from trainlist.txt and testlist.txt, for list.txt lines that carry no label."""
+    """path -> Entry from trainlist.txt and testlist.txt, for list.txt lines that carry no label."""
     known = {}
     for name in ("trainlist.txt", "testlist.txt"):
         path = Path(image_folder) / name
         if path.is_file():
-            known.update({entry.path: entry.label for entry in MyDataset.read_list(path, need_label=True)})
+            known.update({entry.path: entry for entry in MyDataset.read_list(path, need_label=True)})
     return known
+
+
+def retrieval_labels(db_entries, query_entries, classes, known):
+    """(db labels, query labels, label names by index, label_kind) for the two lists.
+
+    Single-label: int64 [N], -1 unknown. Multi-label (some line, or the known line it falls back to, has two labels
+    or more): bool [N, C]. Queries take labels only from their own list; unseen ones extend the database's index.
+    """
+    fallback = [known[entry.path] for entry in db_entries if entry.label is None and entry.path in known]
+    if not MyDataset.is_multi_label(db_entries, query_entries, fallback):
+        db_labels, every = MyDataset.retrieval_labels(db_entries, classes, {p: e.label for p, e in known.items()})
+        query_labels, every = MyDataset.retrieval_labels(query_entries, every, {})
+        return db_labels, query_labels, every, "single"
+    db_labels, every = MyDataset.retrieval_multi_hot(db_entries, classes, {p: e.labels for p, e in known.items()})
+    query_labels, every = MyDataset.retrieval_multi_hot(query_entries, every, {})
+    # the database's label columns grow to take labels only the queries have
+    db_labels = np.pad(db_labels, ((0, 0), (0, len(every) - db_labels.shape[1])))
+    return db_labels, query_labels, every, "multi"
+
+
+def data_protocol(data_root):
+    """The benchmark protocol prepare_data.py recorded for this data (queries, k of mAP@k, relevance), else None."""
+    path = Path(data_root) / "prepare_data.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("protocol")
+    except (OSError, ValueError, AttributeError):
+        return None  # no record, or not one prepare_data.py wrote: the data follows no named protocol
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,6 +178,8 @@ def known_labels(image_folder):
 
 def write_database(out, parts, meta):
     """parts: {'db': (codes, labels, features, names), 'query': ...}; written to a temporary folder, then swapped in.
+
+    features None: no feature file (bench/search.py's databases, ranked without --rerank).
 
     The old database, if any, is moved aside and removed only after the new one is in place.
     """
@@ -154,8 +191,12 @@ def write_database(out, parts, meta):
     try:
         for part, (codes, labels, features, names) in parts.items():
             np.save(tmp / f"{part}_binary.npy", codes)
-            np.save(tmp / f"{part}_label.npy", labels.astype(np.int64))
-            np.save(tmp / f"{part}_feature.npy", features)
+            if labels.ndim == 2:
+                np.save(tmp / f"{part}_label_multihot.npy", labels.astype(bool))
+            else:
+                np.save(tmp / f"{part}_label.npy", labels.astype(np.int64))
+            if features is not None:
+                np.save(tmp / f"{part}_feature.npy", features)
             (tmp / f"{part}_names.txt").write_text("".join(name + "\n" for name in names), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
         if out.exists():
@@ -179,7 +220,7 @@ def write_database(out, parts, meta):
 class Split:
     """One side of the database: the encoded database items or the queries."""
     codes: np.ndarray  # uint8 [N, ceil(bits/8)]
-    labels: np.ndarray  # int64 [N], -1 unknown
+    labels: np.ndarray  # int64 [N], -1 unknown; multi-label: bool [N, C], a row of False unknown
     names: list
     features: np.ndarray | None  # float16 [N, 4096] (memory-mapped), None unless asked for
 
@@ -210,11 +251,22 @@ def read_meta(folder):
     return meta
 
 
-def load_split(folder, part, bits, features=False):
+def load_labels(folder, part, label_kind):
+    """int64 [N] (-1 unknown) for a single-label database; bool [N, C] for a multi-label one (uint8 is read too)."""
+    if label_kind == "single":
+        return _load_array(folder / f"{part}_label.npy", np.int64, 1)
+    path = folder / f"{part}_label_multihot.npy"
+    try:
+        return _load_array(path, np.bool_, 2)
+    except UserError:
+        return _load_array(path, np.uint8, 2).astype(bool)
+
+
+def load_split(folder, part, bits, features=False, label_kind="single"):
     """Read one part ('db' or 'query') and check that its files agree with each other and with bits."""
     folder = Path(folder)
     codes = _load_array(folder / f"{part}_binary.npy", np.uint8, 2)
-    labels = _load_array(folder / f"{part}_label.npy", np.int64, 1)
+    labels = load_labels(folder, part, label_kind)
     names_path = folder / f"{part}_names.txt"
     if not names_path.is_file():
         raise UserError(f"{names_path} is missing; rebuild the database with: python database.py --bits {bits}")
@@ -247,7 +299,38 @@ def load_database(folder, bits, features=False):
     if int(meta["bits"]) != bits:
         raise UserError(f"{folder} holds {meta['bits']}-bit codes but --bits {bits} was given; use --bits {meta['bits']} "
                         f"or rebuild with: python database.py --bits {bits}")
-    return load_split(folder, "db", bits, features), load_split(folder, "query", bits, features), meta
+    label_kind = meta.get("label_kind", "single")  # databases written before multi-label data are single-label
+    if label_kind not in ("single", "multi"):
+        raise UserError(f"{folder / 'meta.json'} says label_kind {label_kind!r}, not 'single' or 'multi'; "
+                        f"rebuild with: python database.py --bits {bits}")
+    db = load_split(folder, "db", bits, features, label_kind)
+    query = load_split(folder, "query", bits, features, label_kind)
+    if label_kind == "multi" and db.labels.shape[1] != query.labels.shape[1]:
+        raise UserError(f"{folder}: db and query multi-hot labels have {db.labels.shape[1]} and "
+                        f"{query.labels.shape[1]} columns; rebuild with: python database.py --bits {bits}")
+    return db, query, meta
+
+
+def label_text(meta, label, class_names=None):
+    """A database or query label as text, None when unknown: its token in meta.json's labels, or the class name
+    that token stands for in class_names (token -> name, from class_names()).
+
+    label: an index into meta.json's labels (-1 unknown), or a multi-hot row (the tokens joined by ',').
+    """
+    tokens, class_names = meta.get("labels") or [], class_names or {}
+    label = np.asarray(label)
+    indices = np.flatnonzero(label) if label.ndim == 1 else [int(label)]
+    known = [str(tokens[i]) for i in indices if 0 <= i < len(tokens)]
+    return ",".join(class_names.get(token, token) for token in known) or None
+
+
+def class_names(data_root):
+    """token -> class name from prepare_data.py's record (data/prepare_data.json); {} where there is none."""
+    try:
+        classes = json.loads((Path(data_root) / "prepare_data.json").read_text(encoding="utf-8"))["classes"]
+        return {str(token): str(name) for token, name in classes.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def model_for_database(folder, meta, model=None):
@@ -288,10 +371,8 @@ def retrieval_sources(args, checkpoint, ranks):
     image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
     db_entries = MyDataset.read_list(image_folder / "list.txt", need_label=False)
     query_entries = MyDataset.read_list(query_folder / "list.txt", need_label=False)
-    known = known_labels(image_folder)
-    db_labels, every = MyDataset.retrieval_labels(db_entries, checkpoint["classes"], known)
-    # queries take labels only from their own list; unseen ones extend the same index after the database's
-    query_labels, every = MyDataset.retrieval_labels(query_entries, every, {})
+    db_labels, query_labels, every, label_kind = retrieval_labels(db_entries, query_entries, checkpoint["classes"],
+                                                                  known_labels(image_folder))
     # every header in both lists is checked before either list is decoded or its first batch encoded
     lists = (("db", image_folder, db_entries, db_labels), ("query", query_folder, query_entries, query_labels))
     checked = {part: MyDataset.check_images(folder, entries, args.skip_bad) for part, folder, entries, _ in lists}
@@ -332,7 +413,7 @@ def build_database(args, ranks):
     meta = {
         "format": FORMAT, "bits": checkpoint["bits"], "model": str(model_path), "model_abspath": str(model_path.resolve()),
         "model_sha256": sha256_file(model_path),
-        "labels": every, "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
+        "labels": every, "label_kind": label_kind, "protocol": data_protocol(args.data_root), "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
         "mean": checkpoint["mean"], "std": checkpoint["std"], "recipe": checkpoint.get("recipe"),
         "num_database": len(parts["db"][0]), "num_queries": len(parts["query"][0]), "skipped_bad": len(bad),
         "device": str(ranks.device), "world_size": ranks.world_size, "seconds": elapsed(started),

@@ -10,6 +10,10 @@ The finished model is saved as model/<bits>bits_<test accuracy %>.pt (e.g. model
 where the name is taken), its per-epoch metrics beside it as <same name>.jsonl. While a run is going, its state
 after each completed epoch is model/<bits>bits_<start time>.resume: not a .pt, so no stage takes it for a model.
 Under torchrun rank 0 alone writes these files (README, Several GPUs and machines).
+
+Multi-label lists (an image with two labels or more, MyDataset.read_list) train the classifier with sigmoid binary
+cross-entropy, and the accuracy is then "the top-scoring class is among the image's labels"; the checkpoint stores
+label_kind and accuracy_definition.
 """
 import argparse
 import json
@@ -112,8 +116,15 @@ def learning_rate(step, steps_per_epoch, args):
 
 
 def hashing_loss(codes, logits, labels, args):
-    """DLBHC's cross-entropy on the classifier, plus SSDH's optional binarisation and bit-balance terms."""
-    loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+    """DLBHC's cross-entropy on the classifier, plus SSDH's optional binarisation and bit-balance terms.
+
+    Multi-label data (labels [B, C] multi-hot) takes sigmoid binary cross-entropy, one term per class.
+    """
+    if labels.ndim == 2:
+        targets = labels.float() * (1 - args.label_smoothing) + args.label_smoothing / 2
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+    else:
+        loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
     if args.binarize:
         loss = loss - args.binarize * (codes - 0.5).pow(2).mean()  # [B, bits]: larger when outputs sit near 0 or 1
     if args.balance:
@@ -121,15 +132,28 @@ def hashing_loss(codes, logits, labels, args):
     return loss
 
 
+ACCURACY = {"single": "top-1: the top-scoring class is the image's label",
+            "multi": "top-1: the top-scoring class is among the image's labels"}
+
+
+def top1_correct(logits, labels):
+    """How many images' top-scoring class is their label (labels [B]) or among their labels (multi-hot [B, C])."""
+    top = logits.argmax(1)
+    if labels.ndim == 2:
+        return labels.gather(1, top[:, None]).bool().sum()
+    return (top == labels).sum()
+
+
 @torch.no_grad()
 def accuracy(model, source, img_size, ranks, batch_size):
-    """Top-1 accuracy of the classifier on a whole ImageSource (eval transform), each rank counting its batches."""
+    """Top-1 accuracy of the classifier on a whole ImageSource (eval transform), as ACCURACY defines it, each rank
+    counting its batches."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=ranks.device)
     for images, labels, _ in source.batches(batch_size * 2, rank=ranks.rank, world_size=ranks.world_size, whole=True):
         with autocast(ranks.device):
             _, logits, _ = model(MyDataset.eval_transform(images, img_size, IMAGENET_MEAN, IMAGENET_STD))
-        correct += (logits.argmax(1) == labels).sum()
+        correct += top1_correct(logits, labels)
     return all_reduce_sum(correct, ranks).item() / len(source)
 
 
@@ -146,8 +170,11 @@ def training_lists(args):
     classes = MyDataset.training_classes(train_entries)
     if len(classes) < 2:
         raise UserError(f"{folder / 'trainlist.txt'} has {len(classes)} class; training a classifier needs at least 2")
-    train_labels = MyDataset.class_indices(train_entries, classes, folder / "trainlist.txt")
-    test_labels = MyDataset.class_indices(test_entries, classes, folder / "testlist.txt")
+    # multi-label when either list gives an image two labels or more: label indices [N] become multi-hot [N, C]
+    multi = MyDataset.is_multi_label(train_entries, test_entries)
+    labelling = MyDataset.multi_hot if multi else MyDataset.class_indices
+    train_labels = labelling(train_entries, classes, folder / "trainlist.txt")
+    test_labels = labelling(test_entries, classes, folder / "testlist.txt")
     return folder, (train_entries, train_labels), (test_entries, test_labels), classes
 
 
@@ -240,7 +267,7 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
         (loss * ((stop - start) * ranks.world_size / batch)).backward()
         optimizer.step()
         loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
+        correct += top1_correct(logits, labels)
         if i % 20 == 19:  # the only host synchronisation in the loop
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return all_reduce_sum(loss_sum, ranks), all_reduce_sum(correct, ranks)
@@ -321,7 +348,9 @@ def train_model(args, ranks):
     if sum(len(source.bad) for source in (train, test)) > bad_count:  # streamed images that broke when decoded
         report_bad((train, test), args.result)
     path = model_name(model_dir, args.bits, test_accuracy)
-    save_checkpoint(path, model, bits=args.bits, classes=classes, img_size=args.img_size, mean=list(IMAGENET_MEAN),
+    label_kind = "multi" if train.labels.ndim == 2 else "single"
+    save_checkpoint(path, model, bits=args.bits, classes=classes, label_kind=label_kind,
+                    accuracy_definition=ACCURACY[label_kind], img_size=args.img_size, mean=list(IMAGENET_MEAN),
                     std=list(IMAGENET_STD), recipe=args.recipe, dropout=args.dropout, pretrained=args.pretrained,
                     epoch=args.epochs, test_accuracy=test_accuracy, train_seconds=round(train_seconds, 2),
                     device=str(device), world_size=ranks.world_size, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
