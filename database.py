@@ -364,7 +364,7 @@ def main():
 
 
 def retrieval_sources(args, checkpoint, ranks):
-    """{'db': ImageSource of data/image/list.txt, 'query': of data/query/list.txt}, with their label list.
+    """({'db': ImageSource of data/image/list.txt, 'query': of data/query/list.txt}, label names by index, label_kind).
 
     Under torchrun local rank 0 of each machine builds the decoded caches while the others wait, then they read them.
     """
@@ -382,7 +382,7 @@ def retrieval_sources(args, checkpoint, ranks):
             sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
                                                   args.workers, args.skip_bad, not args.no_cache, ranks.device,
                                                   checked=checked[part])
-    return sources, every
+    return sources, every, label_kind
 
 
 def build_database(args, ranks):
@@ -398,7 +398,7 @@ def build_database(args, ranks):
     # rank 0 reads the model and sends it to every rank: the model folder need not be shared between machines
     model_path, checkpoint = from_main(ranks, read_model)
     model = build_model(checkpoint).eval()
-    sources, every = retrieval_sources(args, checkpoint, ranks)
+    sources, every, label_kind = retrieval_sources(args, checkpoint, ranks)
     parts, bad = {}, []
     for part, source in sources.items():
         encoded = encode_part(model, checkpoint, source, ranks, args.batch_size)

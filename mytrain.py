@@ -273,6 +273,15 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
     return all_reduce_sum(loss_sum, ranks), all_reduce_sum(correct, ranks)
 
 
+def write_epoch(record, log_path, resume_path, resume_state):
+    """The epoch's JSON line on stdout and appended to the log, then the resume state, written atomically."""
+    print(json.dumps(record), flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
+    atomic_write(resume_path, lambda tmp: torch.save(resume_state, tmp))
+
+
 def main():
     args = get_args_parser().parse_args()
     ranks = setup_ranks(args.device, args.dist_timeout)
@@ -330,16 +339,11 @@ def train_model(args, ranks):
         record = {"epoch": epoch + 1, "loss": round(loss_sum.item() / len(train), 5),
                   "train_accuracy": round(correct.item() / len(train), 5), "test_accuracy": round(test_accuracy, 5),
                   "seconds": round(seconds, 2), "images_per_second": round(len(train) / seconds, 1)}
-        if not ranks.is_main:
-            continue
-        print(json.dumps(record), flush=True)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
-        resume_state = {"state_dict": unwrapped_state_dict(model), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "epoch": epoch, "train_seconds": train_seconds,
-                        "run_stem": run_stem, "args": vars(args)}
-        atomic_write(resume_path, lambda tmp: torch.save(resume_state, tmp))
+        if ranks.is_main:
+            resume_state = {"state_dict": unwrapped_state_dict(model), "optimizer": optimizer.state_dict(),
+                            "generator": generator.get_state(), "epoch": epoch, "train_seconds": train_seconds,
+                            "run_stem": run_stem, "args": vars(args)}
+            write_epoch(record, log_path, resume_path, resume_state)
 
     if test_accuracy is None:  # resumed a run whose last epoch had completed: measure it again
         test_accuracy = accuracy(model, test, args.img_size, ranks, args.batch_size)
