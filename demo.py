@@ -3,6 +3,7 @@
     python demo.py --bits 48 --num 0                # query 0 of database/: result/demo_0.png
     python demo.py --bits 48 --image photo.jpg      # a new image: result/demo_photo.png
     python demo.py --bits 48 --num 7 --show         # and open a window
+    python demo.py --bits 48 --backend faiss        # candidates from index.py's faiss index
 
 Each result is titled with its rank, Hamming distance and class (the name prepare_data.py recorded in
 --data-root/prepare_data.json, else the label), and framed green where it shares a label with the query, red where
@@ -19,6 +20,7 @@ import numpy as np
 
 import MyDataset
 import database
+import index
 import mAP
 from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
 
@@ -30,6 +32,7 @@ def get_args_parser():
                                      parents=[common_args_parser(), mAP.retrieval_args_parser(result_help="folder for the figure"),
                                               mAP.coarse_to_fine_args_parser()],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    index.add_backend_args(parser)
     parser.add_argument("--num", type=int, default=0, help="0-based index of the query in database/ (default: %(default)s)")
     parser.add_argument("--image", default=None, metavar="PATH", help="query this image file instead")
     parser.add_argument("--show", action="store_true", help="also open the figure in a window")
@@ -89,6 +92,7 @@ def main():
     print_args(args)
     started = time.perf_counter()
     device, db, query, meta, radius, radius_from, items = mAP.open_retrieval(args)
+    backend, engine = index.open_index(args, meta, items.size)
     if args.image:
         files = MyDataset.image_files([args.image])
         if len(files) != 1:
@@ -104,7 +108,7 @@ def main():
         codes, features = query.codes[args.num:args.num + 1], np.asarray(query.features[args.num:args.num + 1])
         query_label, name, out = query.labels[args.num], query.names[args.num], f"demo_{args.num}.png"
         query_path = Path(args.data_root) / "query" / name
-    found = mAP.coarse_to_fine(items, codes, features, radius, args.topk)[0]
+    found = index.retrieve(engine, items, codes, features, radius, args.topk)[0]
     names = database.class_names(args.data_root)
     colours = frame_colours(query_label, db.labels[found["rows"]])
     panels = [(load_image(query_path, args), f"query\n{database.label_text(meta, query_label, names) or '?'}", QUERY)]
@@ -118,7 +122,7 @@ def main():
     relevant = colours.count(RELEVANT)
     labelled = len(mAP.labelled(np.asarray([query_label]))) > 0
     summary = f"{relevant}/{len(found['rows'])} share its label" if labelled else "query label unknown"
-    print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates, {summary}; "
+    print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates ({backend}), {summary}; "
           f"wrote {path} in {elapsed(started)} s")
 
 

@@ -1,7 +1,7 @@
 """Hamming ranking and the retrieval metrics: the one ranking rule every later stage imports from here.
 
     python mAP.py --bits 48                          # mAP over the full ranking, mAP@1000, P@k, PR within a radius
-    python mAP.py --bits 48 --topk 500               # mAP@500 instead of mAP@1000
+    python mAP.py --bits 48 --topk 500               # mAP@500 instead of mAP@1000 (or the protocol's k)
     python mAP.py --bits 48 --rerank                 # equal Hamming distances ordered by fc7 Euclidean distance
     python mAP.py --bits 48 --ties index             # ties in database order, to compare with other code
 
@@ -491,6 +491,21 @@ def _gpu_topk(items, query_codes, k):
 # Coarse to fine: DLBHC's retrieval
 
 
+def rank_by_fc7(query_feature, features, rows, items, topk, layout):
+    """The coarse-to-fine order of a candidate set: fc7 Euclidean distance to the query, equal distances in tie order.
+
+    rows: the candidates' file rows; items: their places in tie order, ascending (fc7 rows are read in this order
+    whoever found the candidates, the scan or an index, so every distance is computed alike); query_feature: fp16
+    [1, D]. Returns (indices into the candidates of the first topk, best first; their Euclidean distances).
+    """
+    squared = squared_euclidean(query_feature, features, rows)[0]
+    keys = (float_keys(squared) << np.uint64(layout.euclid_shift)) | np.asarray(items).astype(np.uint64)
+    keys.sort()
+    best = (keys[:topk] & np.uint64((1 << layout.euclid_shift) - 1)).astype(np.int64)
+    where = np.searchsorted(items, best)
+    return where, np.sqrt(squared[where], dtype=np.float32)
+
+
 def coarse_to_fine(items, query_codes, query_features, radius, topk, grow=True):
     """Candidates within a Hamming radius, ranked by fc7 Euclidean distance; ties in the tie order.
 
@@ -501,22 +516,17 @@ def coarse_to_fine(items, query_codes, query_features, radius, topk, grow=True):
     if items.features is None:
         raise ValueError("coarse_to_fine needs the database features")
     layout = key_layout(items.bits, items.size, euclidean=True, relevant=False)
-    item_mask = np.uint64((1 << layout.euclid_shift) - 1)
 
     def work(start, stop):
         results = []
         for i, row in enumerate(hamming_distances(items, query_codes[start:stop])):
             used = max(radius, smallest_radius(row, min(topk, items.size), items.bits)) if grow else radius
             candidates = np.flatnonzero(row <= used)  # items, ascending
-            squared = squared_euclidean(query_features[start + i:start + i + 1], items.features,
-                                        items.rows[candidates])[0]
-            keys = (float_keys(squared) << np.uint64(layout.euclid_shift)) | candidates.astype(np.uint64)
-            keys.sort()
-            best = (keys[:topk] & item_mask).astype(np.int64)
-            where = np.searchsorted(candidates, best)
-            results.append({"rows": items.rows[best], "hamming": row[best].astype(np.int64),
-                            "euclidean": np.sqrt(squared[where], dtype=np.float32), "radius": int(used),
-                            "candidates": len(candidates)})
+            where, euclidean = rank_by_fc7(query_features[start + i:start + i + 1], items.features,
+                                           items.rows[candidates], candidates, topk, layout)
+            best = candidates[where]
+            results.append({"rows": items.rows[best], "hamming": row[best].astype(np.int64), "euclidean": euclidean,
+                            "radius": int(used), "candidates": len(candidates)})
         return results
 
     # queries spread over our threads, each product single-threaded: small products gain nothing from more
@@ -672,7 +682,8 @@ def get_args_parser():
                                      parents=[common_args_parser(data_root=False),
                                               retrieval_args_parser(result_help="folder for the JSON and figures")],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--topk", type=int, default=1000, help="k of mAP@k (default: %(default)s)")
+    parser.add_argument("--topk", type=int, default=None,
+                        help="k of mAP@k (default: the protocol's k where prepare_data.py recorded one, else 1000)")
     parser.add_argument("--rerank", action="store_true",
                         help="order equal Hamming distances by fc7 Euclidean distance (reads the features)")
     return parser
@@ -711,12 +722,15 @@ def plot_curves(result_dir, bits, suffix, metrics):
 def main():
     args = get_args_parser().parse_args()
     print_args(args)
-    if args.topk < 1:
+    if args.topk is not None and args.topk < 1:
         raise UserError(f"--topk {args.topk}: give a positive number of results")
     started = time.perf_counter()
     device = pick_device(args.device)
     db, query, meta = database.load_database(args.database, args.bits, features=args.rerank)
     items = items_for_metrics(db, args, device, features=args.rerank)
+    protocol = meta.get("protocol") or {}
+    if args.topk is None:  # the protocol's k; its "topk": null is mAP over the whole ranking
+        args.topk = (protocol.get("topk") or items.size) if protocol else 1000
     take = labelled_queries(query, args)
     query_features = query.features[take] if args.rerank else None
     metrics = evaluate(items, query.codes[take], query.labels[take], args.topk, query_features)
@@ -726,6 +740,7 @@ def main():
         "precision_r2": metrics["precision_r2"], "recall_r2": metrics["recall_r2"],
         "num_queries": len(take), "num_database": items.size,
         "skipped_queries": int(len(query.labels) - len(take)), "skipped_database": int(len(db.labels) - items.size),
+        "protocol": protocol.get("name"), "label_kind": meta.get("label_kind", "single"),
         "ties": args.ties, "rerank": args.rerank, "bits": args.bits, "model": meta.get("model"),
         "model_sha256": meta.get("model_sha256"), "device": str(device),
         "curves": {

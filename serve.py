@@ -4,8 +4,9 @@
     python serve.py --bits 48 --port 8080 --data-root data --radius 3 --topk 20
     python serve.py --bits 48 --host 0.0.0.0                   # reachable from other machines: mind who can
 
-The model and the database are loaded once, at start; the answers are query.py's, by the same functions
-(coarse to fine: candidates within r' re-ranked by fc7 distance). At start the same rules as query.py --image
+The model, the database and index.py's index (when one is built and fresh; --backend as in query.py) are loaded
+once, at start; the answers are query.py's, by the same functions (coarse to fine: candidates within r' re-ranked
+by fc7 distance). At start the same rules as query.py --image
 apply: a database without its model, or whose model file changed since, or another --model, is refused.
 
 The JSON API (the page uses nothing else):
@@ -35,6 +36,7 @@ import numpy as np
 
 import MyDataset
 import database
+import index
 import mAP
 from net import load_model
 from stage import UserError, common_args_parser, print_args, run_main
@@ -50,6 +52,7 @@ def get_args_parser():
                                               "search.py's radius recommendation is read from"),
                                               mAP.coarse_to_fine_args_parser()],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    index.add_backend_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -74,6 +77,7 @@ class Retrieval:
         # query.py checks the model only for --image; a server takes images at any time, so it checks at start
         model_path = database.model_for_database(args.database, self.meta, args.model)
         self.network, self.checkpoint = load_model(model_path, args.bits)
+        self.backend, self.engine = index.open_index(args, self.meta, self.items.size)  # as query.py: index.py's index
         self.data_root = Path(args.data_root).resolve()
         self.class_names = database.class_names(args.data_root)
         # the ranking sets torch's thread count while it works, and the model runs one batch at a time
@@ -81,7 +85,7 @@ class Retrieval:
 
     def info(self):
         return {"bits": self.args.bits, "radius": self.radius, "radius_from": self.radius_from, "topk": self.args.topk,
-                "max_topk": MAX_TOPK, "num_database": self.items.size, "num_queries": len(self.query.names),
+                "max_topk": MAX_TOPK, "num_database": self.items.size, "num_queries": len(self.query.names), "backend": self.backend,
                 "labels": self.meta.get("labels") or [], "model": self.meta.get("model"),
                 "max_upload_bytes": self.max_upload_bytes()}
 
@@ -122,8 +126,8 @@ class Retrieval:
         if not 0 <= radius <= self.args.bits:
             raise BadRequest(400, f"radius {radius}: give a radius between 0 and {self.args.bits}")
         with self.lock:
-            # where index.py's candidates will come in, as in query.py: the same call answers both
-            found = (mAP.coarse_to_fine(self.items, codes, features, radius, topk) if rerank
+            # query.py's call: candidates from index.py's index when one is built and fresh, else the exact scan
+            found = (index.retrieve(self.engine, self.items, codes, features, radius, topk) if rerank
                      else self.hamming_only(codes, features, topk))[0]
         entry = database.query_answer(name, -1 if label is None else label, found, self.db, self.meta)
         item_labels = self.db.labels[found["rows"]]
@@ -257,7 +261,7 @@ def main():
     import uvicorn
 
     print(f"{retrieval.items.size} database items, {len(retrieval.query.names)} queries, radius {retrieval.radius} "
-          f"({retrieval.radius_from}): serving http://{args.host}:{args.port}/", flush=True)
+          f"({retrieval.radius_from}), {retrieval.backend}: serving http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(make_app(retrieval), host=args.host, port=args.port, log_level="warning")
 
 

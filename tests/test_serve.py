@@ -83,6 +83,7 @@ def served(tmp_path_factory):
     run(REPO / "mytrain.py", "--bits", BITS, "--pretrained", "none", "--img-size", 64, "--epochs", 1, "--device", "cpu",
         "--workers", 0, "--batch-size", 16, cwd=root)
     run(REPO / "database.py", "--bits", BITS, "--workers", 0, "--device", "cpu", cwd=root)
+    run(REPO / "index.py", "--bits", BITS, cwd=root)  # query.py and serve.py both take their candidates from it
     run(REPO / "query.py", "--bits", BITS, "--device", "cpu", "--topk", TOPK, cwd=root)
     # an image of its own, outside the data root, as a user would upload it
     class_image(1, np.random.default_rng(7), 40).save(root / "upload.png")
@@ -121,7 +122,7 @@ def test_the_api_answers_as_query_py(served):
     lines = query_lines(root)
     answers = json.loads((root / "result" / "query.json").read_text())["queries"]
     info = get_json(port, "/api/info")
-    assert info["num_queries"] == len(lines) == 12 and info["topk"] == TOPK
+    assert info["num_queries"] == len(lines) == 12 and info["topk"] == TOPK and info["backend"].startswith("faiss")
     for index, (line, expected) in enumerate(zip(lines, answers)):
         answer = get_json(port, f"/api/query/{index}")
         assert [item["name"] for item in answer["results"]] == line
