@@ -435,16 +435,18 @@ def eval_transform(images, img_size, mean, std):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def train_transform(images, img_size, mean, std, generator, min_area=0.6):
+def train_transform(images, img_size, mean, std, generator, min_area=0.6, rows=None):
     """Random crop (area min_area..1 of the image, aspect 3/4..4/3), random horizontal flip, resize to img_size.
 
     One affine grid for the whole batch: crop, flip and resize are a single grid_sample on the device.
     generator is a torch.Generator on the CPU, so the crops are the same on any device for a given seed.
+    rows=(start, stop, batch): images are rows start:stop of a batch of that many (a rank's share under torchrun);
+    the draws are made for the whole batch, so each image gets the crop a single process would give it.
     """
     import torch
     import torch.nn.functional as F
     x = normalise(images, mean, std)
-    batch = x.shape[0]
+    start, stop, batch = rows if rows is not None else (0, x.shape[0], x.shape[0])
     area = torch.empty(batch).uniform_(min_area, 1.0, generator=generator)
     log_ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
     ratio = log_ratio.exp()
@@ -456,13 +458,18 @@ def train_transform(images, img_size, mean, std, generator, min_area=0.6):
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = scale_x * flip, shift_x
     theta[:, 1, 1], theta[:, 1, 2] = scale_y, shift_y
-    grid = F.affine_grid(theta.to(x.device), [batch, 3, img_size, img_size], align_corners=False)
+    grid = F.affine_grid(theta[start:stop].to(x.device), [stop - start, 3, img_size, img_size], align_corners=False)
     out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
     return out.contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batches on the device, from the cache or streamed
+
+
+def batch_share(count, rank, world_size):
+    """(start, stop): rank's contiguous piece of a batch of count images split over world_size ranks."""
+    return count * rank // world_size, count * (rank + 1) // world_size
 
 
 def total_memory_bytes():
@@ -515,20 +522,28 @@ class ImageSource:
     def __len__(self):
         return len(self.keep)
 
-    def batches(self, batch_size, generator=None):
+    def batches(self, batch_size, generator=None, rank=0, world_size=1, whole=False):
         """Yield (images uint8 [B, H, W, 3], labels int64 [B], positions [B]) on the device.
 
         positions index self.keep. generator (a CPU torch.Generator) shuffles; None keeps list order.
+        Under torchrun each rank gets its share (batch_share): whole=False splits every batch of batch_size into
+        world_size contiguous pieces (training: --batch-size is the global batch); whole=True deals out whole
+        batches (encoding: each batch is composed as in a single process, so its float results are the same).
         """
         import torch
         order = (torch.randperm(len(self.keep), generator=generator) if generator is not None
                  else torch.arange(len(self.keep)))
+        plan = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        if whole:
+            plan = plan[rank::world_size]
+        else:
+            plan = [positions[slice(*batch_share(len(positions), rank, world_size))] for positions in plan]
+        plan = [positions for positions in plan if len(positions)]
         labels = torch.from_numpy(self.labels[self.keep])
         if self.images is not None:
             keep = torch.from_numpy(self.keep)
             on_device = isinstance(self.images, torch.Tensor) and self.images.device == self.device
-            for start in range(0, len(order), batch_size):
-                positions = order[start:start + batch_size]
+            for positions in plan:
                 rows = keep[positions]
                 if on_device:
                     images = self.images[rows.to(self.device)]
@@ -543,8 +558,7 @@ class ImageSource:
                        positions)
             return
         dataset = MyDataset(self.folder, [self.entries[i] for i in self.keep], self.labels[self.keep], self.size)
-        sampler_order = order.tolist()
-        batch_sampler = [sampler_order[s:s + batch_size] for s in range(0, len(sampler_order), batch_size)]
+        batch_sampler = [positions.tolist() for positions in plan]
         stream = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda")
         late_bad = {}  # entry index -> message, for images whose data broke only when decoded here

@@ -2,6 +2,7 @@
 
     python database.py --bits 48                      # the newest 48-bit model in model/
     python database.py --bits 48 --model model/48bits_91.37.pt --out database
+    torchrun --nproc-per-node 8 database.py --bits 48   # whole batches dealt to 8 GPUs; rank 0 writes
 
 Writes under --out (default database/), all at once: the files go to a temporary folder beside it that is
 swapped in at the end, so a failed or killed run leaves the previous database intact.
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 import MyDataset
-from net import autocast, load_model, newest_model, pick_device
+from net import (autocast, build_model, distributed_args_parser, distributed_run, from_main, gather_to_main, load_model,
+                 local_main_first, newest_model, setup_ranks)
 from stage import UserError, common_args_parser, elapsed, print_args, run_main, sha256_file, write_text
 
 FORMAT = 1
@@ -43,7 +45,8 @@ FILES = ("binary.npy", "label.npy", "feature.npy", "names.txt")
 
 def get_args_parser():
     parser = argparse.ArgumentParser("database.py", description=__doc__.split("\n")[0],
-                                     parents=[common_args_parser()], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     parents=[common_args_parser(), distributed_args_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, required=True, help="code length of the model to use")
     parser.add_argument("--model", default=None, help="checkpoint to encode with (default: newest <bits>bits_*.pt in --model-dir)")
     parser.add_argument("--model-dir", default="model", help="where mytrain.py saved models (default: %(default)s)")
@@ -61,12 +64,23 @@ def get_args_parser():
 # Encoding
 
 
-@torch.no_grad()
 def encode(model, checkpoint, source, device, batch_size):
     """Codes and fc7 for every image of an ImageSource: (packed uint8 [N, ceil(bits/8)], float16 [N, 4096]).
 
     N is len(source) (bad images left out), in list order. Streaming (--no-cache --skip-bad) can find an image
     broken only when decoded: its row is dropped here, as the source drops it from source.keep.
+    """
+    positions, codes, features = encode_share(model, checkpoint, source, device, batch_size)
+    return codes, features
+
+
+@torch.no_grad()
+def encode_share(model, checkpoint, source, device, batch_size, rank=0, world_size=1):
+    """(positions int64 [n], codes uint8 [n, ceil(bits/8)], fc7 float16 [n, 4096]) for this rank's whole batches.
+
+    positions index source.keep as it was before encoding, in increasing order. Under torchrun every rank encodes
+    whole batches of the single-process run (ImageSource.batches whole=True): on the CPU a float result depends on
+    how its batch is composed, so the gathered database is byte-identical to a single process's.
     """
     model = model.to(device).eval()
     if device.type == "cuda":
@@ -74,8 +88,9 @@ def encode(model, checkpoint, source, device, batch_size):
     codes = np.zeros((len(source), (checkpoint["bits"] + 7) // 8), dtype=np.uint8)
     features = np.zeros((len(source), 4096), dtype=np.float16)
     encoded = np.zeros(len(source), dtype=bool)
-    bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1)
-    for images, _, positions in source.batches(batch_size):
+    bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1,
+                         disable=rank != 0)
+    for images, _, positions in source.batches(batch_size, rank=rank, world_size=world_size, whole=True):
         x = MyDataset.eval_transform(images, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
         with autocast(device):
             sigmoid, _, fc7 = model(x)
@@ -83,9 +98,25 @@ def encode(model, checkpoint, source, device, batch_size):
         codes[rows] = np.packbits((sigmoid.float() > 0.5).cpu().numpy(), axis=1)  # [B, bits] bool -> [B, bytes]
         features[rows] = fc7.float().cpu().numpy().astype(np.float16)
         encoded[rows] = True
-        bar.update(len(rows))
+        bar.update(len(rows) * world_size)
     bar.close()
-    return codes[encoded], features[encoded]
+    return np.flatnonzero(encoded), codes[encoded], features[encoded]
+
+
+def encode_part(model, checkpoint, source, ranks, batch_size):
+    """Every rank encodes its batches of one list; rank 0 gets (codes, labels, features, names, bad), others None."""
+    keep = source.keep.copy()  # positions index it; streaming may drop late-broken images from source.keep
+    share = encode_share(model, checkpoint, source, ranks.device, batch_size, ranks.rank, ranks.world_size)
+    shares = gather_to_main(ranks, (*share, source.bad))
+    if not ranks.is_main:
+        return None
+    positions = np.concatenate([positions for positions, _, _, _ in shares])
+    order = np.argsort(positions, kind="stable")  # list order, as a single process writes it
+    codes = np.concatenate([codes for _, codes, _, _ in shares])[order]
+    features = np.concatenate([features for _, _, features, _ in shares])[order]
+    entries = keep[positions[order]]
+    bad = sorted({index: message for *_, rank_bad in shares for index, message in rank_bad}.items())
+    return codes, source.labels[entries], features, [source.entries[i].path for i in entries], bad
 
 
 def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=False):
@@ -95,13 +126,19 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
     """
     model_path = model_for_database(folder, meta, model)
     network, checkpoint = load_model(model_path, int(meta["bits"]))
+    keep, codes, features, bad = encode_files(network, checkpoint, files, device, batch_size, skip_bad)
+    return [files[i] for i in keep], codes, features, bad
+
+
+def encode_files(network, checkpoint, files, device, batch_size, skip_bad=False):
+    """Image files encoded with a loaded model (serve.py loads it once): (indices of files kept, codes, fc7, bad)."""
     entries = [MyDataset.Entry(str(path.resolve()), None, n) for n, path in enumerate(files, start=1)]
     # absolute paths: Path(cwd) / path is the path; cache=False writes nothing beside the user's images
     source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), checkpoint["img_size"],
                                    "query_images", workers=0 if len(entries) < 512 else 2, skip_bad=skip_bad,
                                    cache=False, device=device)
     codes, features = encode(network, checkpoint, source, device, batch_size)
-    return [files[i] for i in source.keep], codes, features, source.bad
+    return source.keep, codes, features, source.bad
 
 
 def known_labels(image_folder):
@@ -293,6 +330,18 @@ def label_text(meta, label, class_names=None):
     return ",".join(class_names.get(token, token) for token in known) or None
 
 
+def query_answer(name, label, found, db, meta):
+    """One query's answer as query.json and serve.py's API give it: r', candidates, each result's distances.
+
+    found: one of mAP.coarse_to_fine's dicts (rows, hamming, euclidean, radius, candidates).
+    """
+    return {"query": name, "label": label_text(meta, label), "radius": found["radius"],
+            "candidates": found["candidates"],
+            "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, db.labels[row]),
+                         "hamming": int(h), "euclidean": round(float(e), 4)}
+                        for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
+
+
 def class_names(data_root):
     """token -> class name from prepare_data.py's record (data/prepare_data.json); {} where there is none."""
     try:
@@ -327,11 +376,16 @@ def model_for_database(folder, meta, model=None):
 
 def main():
     args = get_args_parser().parse_args()
-    print_args(args)
-    started = time.perf_counter()
-    device = pick_device(args.device)
-    model_path = Path(args.model) if args.model else newest_model(args.model_dir, args.bits)
-    model, checkpoint = load_model(model_path, args.bits)
+    ranks = setup_ranks(args.device, args.dist_timeout)
+    with distributed_run(ranks):
+        build_database(args, ranks)
+
+
+def retrieval_sources(args, checkpoint, ranks):
+    """({'db': ImageSource of data/image/list.txt, 'query': of data/query/list.txt}, label names by index, label_kind).
+
+    Under torchrun local rank 0 of each machine builds the decoded caches while the others wait, then they read them.
+    """
     image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
     db_entries = MyDataset.read_list(image_folder / "list.txt", need_label=False)
     query_entries = MyDataset.read_list(query_folder / "list.txt", need_label=False)
@@ -341,16 +395,36 @@ def main():
     lists = (("db", image_folder, db_entries, db_labels), ("query", query_folder, query_entries, query_labels))
     checked = {part: MyDataset.check_images(folder, entries, args.skip_bad) for part, folder, entries, _ in lists}
     sources = {}
-    for part, folder, entries, labels in lists:
-        sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
-                                              args.workers, args.skip_bad, not args.no_cache, device,
-                                              checked=checked[part])
+    with local_main_first(ranks):
+        for part, folder, entries, labels in lists:
+            sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
+                                                  args.workers, args.skip_bad, not args.no_cache, ranks.device,
+                                                  checked=checked[part])
+    return sources, every, label_kind
+
+
+def build_database(args, ranks):
+    """Encode both lists on every rank; rank 0 gathers the rows and alone writes the database."""
+    if ranks.is_main:
+        print_args(args)
+    started = time.perf_counter()
+
+    def read_model():
+        path = Path(args.model) if args.model else newest_model(args.model_dir, args.bits)
+        return path, load_model(path, args.bits)[1]
+
+    # rank 0 reads the model and sends it to every rank: the model folder need not be shared between machines
+    model_path, checkpoint = from_main(ranks, read_model)
+    model = build_model(checkpoint).eval()
+    sources, every, label_kind = retrieval_sources(args, checkpoint, ranks)
     parts, bad = {}, []
     for part, source in sources.items():
-        codes, features = encode(model, checkpoint, source, device, args.batch_size)
-        names = [source.entries[i].path for i in source.keep]
-        parts[part] = (codes, source.labels[source.keep], features, names)
-        bad += [message for _, message in source.bad]
+        encoded = encode_part(model, checkpoint, source, ranks, args.batch_size)
+        if ranks.is_main:
+            parts[part] = encoded[:4]
+            bad += [message for _, message in encoded[4]]
+    if not ranks.is_main:
+        return
     if bad:
         write_text(Path(args.result) / "bad_images.txt", "".join(message + "\n" for message in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(args.result) / 'bad_images.txt'}")
@@ -360,8 +434,8 @@ def main():
         "labels": every, "label_kind": label_kind, "protocol": data_protocol(args.data_root), "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
         "mean": checkpoint["mean"], "std": checkpoint["std"], "recipe": checkpoint.get("recipe"),
         "num_database": len(parts["db"][0]), "num_queries": len(parts["query"][0]), "skipped_bad": len(bad),
-        "device": str(device), "seconds": elapsed(started), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "args": vars(args),
+        "device": str(ranks.device), "world_size": ranks.world_size, "seconds": elapsed(started),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
     }
     write_database(args.out, parts, meta)
     print(json.dumps({"database": args.out, "num_database": meta["num_database"], "num_queries": meta["num_queries"],
