@@ -30,7 +30,6 @@ from net import autocast, load_model, newest_model, pick_device
 from stage import UserError, common_args_parser, elapsed, print_args, run_main, sha256_file, write_text
 
 FORMAT = 1
-FILES = ("binary.npy", "label.npy", "feature.npy", "names.txt")
 
 
 def get_args_parser():
@@ -54,21 +53,23 @@ def get_args_parser():
 
 
 @torch.no_grad()
-def encode(model, checkpoint, source, device, batch_size):
-    """Codes and fc7 for every image of an ImageSource: (packed uint8 [N, ceil(bits/8)], float16 [N, 4096]).
+def encode(model, model_args, source, device, batch_size):
+    """Codes and fc7 for every image of an ImageSource, in list order: (packed uint8 [N, ceil(bits/8)],
+    float16 [N, 4096], the entry indices encoded int64 [N], every bad image [(entry index, message)]).
 
-    N is len(source) (bad images left out), in list order. Streaming (--no-cache --skip-bad) can find an image
-    broken only when decoded: its row is dropped here, as the source drops it from source.keep.
+    N is len(source) less the images that streaming (--no-cache --skip-bad) found broken only when decoded; those
+    join source.bad in what is returned.
     """
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    codes = np.zeros((len(source), (checkpoint["bits"] + 7) // 8), dtype=np.uint8)
+    codes = np.zeros((len(source), (model_args["bits"] + 7) // 8), dtype=np.uint8)
     features = np.zeros((len(source), 4096), dtype=np.float16)
     encoded = np.zeros(len(source), dtype=bool)
     bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1)
-    for images, _, positions in source.batches(batch_size):
-        x = MyDataset.eval_transform(images, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
+    batches = source.batches(batch_size)
+    for images, _, positions in batches:
+        x = MyDataset.eval_transform(images, model_args["img_size"], model_args["mean"], model_args["std"])
         with autocast(device):
             sigmoid, _, fc7 = model(x)
         rows = positions.numpy()
@@ -77,7 +78,7 @@ def encode(model, checkpoint, source, device, batch_size):
         encoded[rows] = True
         bar.update(len(rows))
     bar.close()
-    return codes[encoded], features[encoded]
+    return codes[encoded], features[encoded], source.keep[encoded], sorted(source.bad + batches.bad)
 
 
 def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=False):
@@ -87,13 +88,14 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
     """
     model_path = model_for_database(folder, meta, model)
     network, checkpoint = load_model(model_path, int(meta["bits"]))
+    net_args = checkpoint["model_args"]
     entries = [MyDataset.Entry(str(path.resolve()), None, n) for n, path in enumerate(files, start=1)]
     # absolute paths: Path(cwd) / path is the path; cache=False writes nothing beside the user's images
-    source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), checkpoint["img_size"],
+    source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), net_args["img_size"],
                                    "query_images", workers=0 if len(entries) < 512 else 2, skip_bad=skip_bad,
                                    cache=False, device=device)
-    codes, features = encode(network, checkpoint, source, device, batch_size)
-    return [files[i] for i in source.keep], codes, features, source.bad
+    codes, features, kept, bad = encode(network, net_args, source, device, batch_size)
+    return [files[i] for i in kept], codes, features, bad
 
 
 def known_labels(image_folder):
@@ -145,8 +147,8 @@ def write_database(out, parts, meta):
 
 
 @dataclass
-class Split:
-    """One side of the database: the encoded database items or the queries."""
+class EncodedImages:
+    """One side of the database, as load_split reads it: the codes, labels, names and fc7 of the items or the queries."""
     codes: np.ndarray  # uint8 [N, ceil(bits/8)]
     labels: np.ndarray  # int64 [N], -1 unknown
     names: list
@@ -198,11 +200,11 @@ def load_split(folder, part, bits, features=False):
     if len(set(lengths.values())) != 1:
         raise UserError(f"{folder}: {part} files disagree in length ({lengths}); a write was interrupted or a file "
                         f"was replaced; rebuild with: python database.py --bits {bits}")
-    return Split(codes, labels, names, feats)
+    return EncodedImages(codes, labels, names, feats)
 
 
 def load_database(folder, bits, features=False):
-    """(db Split, query Split, meta): what mAP.py, search.py, query.py and demo.py read.
+    """(db EncodedImages, query EncodedImages, meta): what mAP.py, search.py, query.py and demo.py read.
 
     Features are memory-mapped and only read when asked for (features=True).
     """
@@ -249,11 +251,12 @@ def main():
     device = pick_device(args.device)
     model_path = Path(args.model) if args.model else newest_model(args.model_dir, args.bits)
     model, checkpoint = load_model(model_path, args.bits)
+    net_args = checkpoint["model_args"]
     image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
     db_entries = MyDataset.read_list(image_folder / "list.txt", need_label=False)
     query_entries = MyDataset.read_list(query_folder / "list.txt", need_label=False)
     known = known_labels(image_folder)
-    db_labels, every = MyDataset.retrieval_labels(db_entries, checkpoint["classes"], known)
+    db_labels, every = MyDataset.retrieval_labels(db_entries, net_args["classes"], known)
     # queries take labels only from their own list; unseen ones extend the same index after the database's
     query_labels, every = MyDataset.retrieval_labels(query_entries, every, {})
     # every header in both lists is checked before either list is decoded or its first batch encoded
@@ -261,23 +264,23 @@ def main():
     checked = {part: MyDataset.check_images(folder, entries, args.skip_bad) for part, folder, entries, _ in lists}
     sources = {}
     for part, folder, entries, labels in lists:
-        sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
+        sources[part] = MyDataset.ImageSource(folder, entries, labels, net_args["img_size"], f"{part}_list",
                                               args.workers, args.skip_bad, not args.no_cache, device,
                                               checked=checked[part])
     parts, bad = {}, []
     for part, source in sources.items():
-        codes, features = encode(model, checkpoint, source, device, args.batch_size)
-        names = [source.entries[i].path for i in source.keep]
-        parts[part] = (codes, source.labels[source.keep], features, names)
-        bad += [message for _, message in source.bad]
+        codes, features, kept, part_bad = encode(model, net_args, source, device, args.batch_size)
+        names = [source.entries[i].path for i in kept]
+        parts[part] = (codes, source.labels[kept], features, names)
+        bad += [message for _, message in part_bad]
     if bad:
         write_text(Path(args.result) / "bad_images.txt", "".join(message + "\n" for message in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(args.result) / 'bad_images.txt'}")
     meta = {
-        "format": FORMAT, "bits": checkpoint["bits"], "model": str(model_path), "model_abspath": str(model_path.resolve()),
+        "format": FORMAT, "bits": net_args["bits"], "model": str(model_path), "model_abspath": str(model_path.resolve()),
         "model_sha256": sha256_file(model_path),
-        "labels": every, "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
-        "mean": checkpoint["mean"], "std": checkpoint["std"], "recipe": checkpoint.get("recipe"),
+        "labels": every, "num_classes_trained": len(net_args["classes"]), "img_size": net_args["img_size"],
+        "mean": net_args["mean"], "std": net_args["std"], "recipe": net_args["recipe"],
         "num_database": len(parts["db"][0]), "num_queries": len(parts["query"][0]), "skipped_bad": len(bad),
         "device": str(device), "seconds": elapsed(started), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "args": vars(args),

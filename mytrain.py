@@ -7,6 +7,11 @@
 The finished model is saved as model/<bits>bits_<test accuracy %>.pt (e.g. model/48bits_91.37.pt, with _2, _3
 where the name is taken), its per-epoch metrics beside it as <same name>.jsonl. While a run is going, its state
 after each completed epoch is model/<bits>bits_<start time>.resume: not a .pt, so no stage takes it for a model.
+Both are checkpoints of net.py's one shape (net.save_checkpoint).
+
+With --resume, a flag that differs from the interrupted run either takes effect with a printed line (a larger
+--epochs, and the flags of RESUME_MAY_CHANGE: where and how the run goes, not what it trains) or stops the run
+with exit status 2 naming it.
 """
 import argparse
 import json
@@ -17,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import MyDataset
-from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, AlexNetPlusLatent, autocast, load_pretrained, model_name,
-                 pick_device, safe_load, save_checkpoint, unwrapped_state_dict)
-from stage import UserError, atomic_write, common_args_parser, print_args, run_main, write_text
+from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, autocast, build_model, hashing_loss, load_pretrained,
+                 model_args, model_name, pick_device, read_checkpoint, save_checkpoint)
+from stage import UserError, common_args_parser, print_args, run_main, write_text
+
+# flags that say where and how a run goes, not what it trains: a resumed run takes them as given now
+RESUME_MAY_CHANGE = ("data_root", "device", "debug", "workers", "model_dir", "result", "skip_bad", "no_cache", "compile")
 
 
 def get_args_parser():
@@ -102,31 +109,67 @@ def learning_rate(step, steps_per_epoch, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def hashing_loss(codes, logits, labels, args):
-    """DLBHC's cross-entropy on the classifier, plus SSDH's optional binarisation and bit-balance terms."""
-    loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
-    if args.binarize:
-        loss = loss - args.binarize * (codes - 0.5).pow(2).mean()  # [B, bits]: larger when outputs sit near 0 or 1
-    if args.balance:
-        loss = loss + args.balance * (codes.mean(0) - 0.5).pow(2).mean()  # each bit on for half the batch
-    return loss
-
-
 @torch.no_grad()
 def accuracy(model, source, img_size, device, batch_size):
-    """Top-1 accuracy of the classifier on a whole ImageSource (eval transform)."""
+    """(Top-1 accuracy of the classifier on a whole ImageSource (eval transform), images the pass found bad)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for images, labels, _ in source.batches(batch_size * 2):
+    seen = 0
+    batches = source.batches(batch_size * 2)
+    for images, labels, _ in batches:
         with autocast(device):
             _, logits, _ = model(MyDataset.eval_transform(images, img_size, IMAGENET_MEAN, IMAGENET_STD))
         correct += (logits.argmax(1) == labels).sum()
-    return correct.item() / len(source)
+        seen += len(labels)
+    return correct.item() / max(seen, 1), batches.bad
 
 
 def find_resume(model_dir, bits):
     runs = sorted(Path(model_dir).glob(f"{bits}bits_*.resume"), key=lambda p: p.stat().st_mtime_ns)
     return runs[-1] if runs else None
+
+
+def given_flags(argv=None):
+    """{dest: value} of the flags on the command line alone: the parser again, with every default suppressed."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def flag_text(flag, value):
+    option = "--" + flag.replace("_", "-")
+    return option if isinstance(value, bool) else f"{option} {value}"
+
+
+def resumed_args(args, given):
+    """(the interrupted run's args with what `given` may change, its resume state) for --resume.
+
+    A flag given now that differs from the run's takes effect with a printed line, or stops with exit status 2.
+    """
+    resume_path = find_resume(args.model_dir, args.bits)
+    if resume_path is None:
+        raise UserError(f"nothing to resume: no interrupted {args.bits}-bit run in {args.model_dir}/ "
+                        f"(start one with: python mytrain.py --bits {args.bits})")
+    state = read_checkpoint(resume_path, "a resume state written by mytrain.py (delete it and start afresh)")
+    if not {"args", "epoch", "optimizer", "generator", "train_seconds", "run_stem"} <= state.keys():
+        raise UserError(f"{resume_path} is not a resume state written by mytrain.py; delete it and start afresh")
+    saved, completed = state["args"], state["epoch"] + 1  # state["epoch"]: 0-based index of the last completed epoch
+    merged = {**vars(args), **saved, "resume": True}  # flags added since the run began keep their defaults
+    for flag, value in sorted(given.items()):
+        if flag in ("bits", "resume") or value == saved.get(flag, value):
+            continue
+        if flag not in RESUME_MAY_CHANGE and flag != "epochs":
+            raise UserError(f"{flag_text(flag, value)} differs from the run being resumed ({resume_path} has "
+                            f"{flag_text(flag, saved[flag])}); leave it out, or start a new run without --resume")
+        if flag == "epochs" and value <= completed:
+            raise UserError(f"--epochs {value}: the run being resumed has completed {completed} epoch(s); "
+                            "give more, or leave --epochs out")
+        print(f"{flag_text(flag, value)} takes effect (the run began with {flag_text(flag, saved.get(flag))})"
+              + (": the learning-rate schedule now ends at that epoch" if flag == "epochs" else ""))
+        merged[flag] = value
+    print(f"resuming {resume_path} from epoch {completed + 1} of {merged['epochs']} ({completed} completed)")
+    return argparse.Namespace(**merged), state
 
 
 def training_lists(args):
@@ -156,64 +199,86 @@ def train_sources(args, lists, device):
     return train, test
 
 
-def report_bad(sources, result_dir):
-    """Write result/bad_images.txt and say how many images --skip-bad left out; returns that number."""
-    bad = [message for source in sources for _, message in source.bad]
+def report_bad(sources, result_dir, late=()):
+    """Write result/bad_images.txt and say how many images --skip-bad left out.
+
+    late: messages of streamed images that broke only when decoded, as the passes reported them.
+    """
+    bad = [message for source in sources for _, message in source.bad] + list(late)
     if bad:
         write_text(Path(result_dir) / "bad_images.txt", "".join(m + "\n" for m in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(result_dir) / 'bad_images.txt'}")
     return len(bad)
 
 
+def network_args(args, classes, state):
+    """The model_args of this run; a resumed run must find the training classes it began with."""
+    net_args = model_args(args.bits, classes, args.img_size, args.recipe, args.dropout)
+    if state is not None and state["model_args"]["classes"] != net_args["classes"]:
+        raise UserError(f"the classes of {Path(args.data_root) / 'image/trainlist.txt'} differ from those of the run "
+                        "being resumed; resume with the data it began with (--data-root), or start a new run")
+    return net_args
+
+
+def restore_run(state, model, optimizer, generator, model_dir, bits):
+    """(first epoch to run, training seconds so far, run stem): a new run's, or the resumed run's restored from state."""
+    if state is None:
+        return 0, 0.0, time.strftime(f"{bits}bits_%Y%m%d-%H%M%S")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    start_epoch = state["epoch"] + 1
+    log_path = Path(model_dir) / f"{state['run_stem']}.jsonl"
+    if log_path.exists():  # a kill after an epoch's log line but before its resume state
+        kept_lines = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                      if line.endswith("\n") and json.loads(line)["epoch"] <= start_epoch]
+        write_text(log_path, "".join(kept_lines))
+    return start_epoch, state["train_seconds"], state["run_stem"]
+
+
+def save_model(model, net_args, args, results, run_stem):
+    """model/<bits>bits_<accuracy>.pt with the epochs' log beside it; the run's resume state goes."""
+    model_dir = Path(args.model_dir)
+    path = model_name(model_dir, args.bits, results["test_accuracy"])
+    save_checkpoint(path, model, net_args, pretrained=args.pretrained, epoch=args.epochs, **results,
+                    time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), args=vars(args))
+    log_path = model_dir / f"{run_stem}.jsonl"
+    if log_path.exists():
+        os.replace(log_path, path.with_suffix(".jsonl"))
+    (model_dir / f"{run_stem}.resume").unlink(missing_ok=True)
+    print(json.dumps({"model": str(path), "test_accuracy": round(results["test_accuracy"], 5),
+                      "train_seconds": round(results["train_seconds"], 1)}))
+
+
 def main():
     args = get_args_parser().parse_args()
-    model_dir = Path(args.model_dir)
     state = None
     if args.resume:
-        resume_path = find_resume(model_dir, args.bits)
-        if resume_path is None:
-            raise UserError(f"nothing to resume: no interrupted {args.bits}-bit run in {model_dir}/ "
-                            f"(start one with: python mytrain.py --bits {args.bits})")
-        state = safe_load(resume_path, "a resume state written by mytrain.py (delete it and start afresh)")
-        if not isinstance(state, dict) or not {"args", "epoch", "state_dict", "optimizer"} <= state.keys():
-            raise UserError(f"{resume_path} is not a resume state written by mytrain.py; delete it and start afresh")
-        kept = {k: getattr(args, k) for k in ("device", "workers", "debug", "resume")}
-        args = argparse.Namespace(**{**state["args"], **kept})
-        # state["epoch"] is the 0-based index of the last completed epoch; the log counts from 1
-        print(f"resuming {resume_path} from epoch {state['epoch'] + 2} of {args.epochs} "
-              f"({state['epoch'] + 1} completed)")
+        args, state = resumed_args(args, given_flags())
     check_args(args)
     print_args(args)
+    model_dir = Path(args.model_dir)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
     lists = training_lists(args)
-    classes = lists[-1]
-    model = AlexNetPlusLatent(args.bits, len(classes), args.recipe, args.dropout)
+    net_args = network_args(args, lists[-1], state)
+    model = build_model(net_args)
     if state is None:  # before any decoding: missing weights are known in seconds
         load_pretrained(model, args.pretrained)
     train, test = train_sources(args, lists, device)
-    bad_count = report_bad((train, test), args.result)
+    report_bad((train, test), args.result)
+    late_bad = {}  # message -> None, in the order found: every pass meets a streamed bad image again
 
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
-    start_epoch, train_seconds = 0, 0.0
-    run_stem = time.strftime(f"{args.bits}bits_%Y%m%d-%H%M%S")
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start_epoch, train_seconds, run_stem = state["epoch"] + 1, state["train_seconds"], state["run_stem"]
+    start_epoch, train_seconds, run_stem = restore_run(state, model, optimizer, generator, model_dir, args.bits)
     resume_path = model_dir / f"{run_stem}.resume"
     log_path = model_dir / f"{run_stem}.jsonl"
-    if state is not None and log_path.exists():  # a kill after an epoch's log line but before its resume state
-        kept_lines = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
-                      if line.endswith("\n") and json.loads(line)["epoch"] <= start_epoch]
-        write_text(log_path, "".join(kept_lines))
     step_model = torch.compile(model) if args.compile else model
 
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
@@ -223,7 +288,8 @@ def main():
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        bar = MyDataset.tqdm(train.batches(args.batch_size, generator), total=steps_per_epoch, leave=False,
+        batches = train.batches(args.batch_size, generator)
+        bar = MyDataset.tqdm(batches, total=steps_per_epoch, leave=False,
                              desc=f"epoch {epoch + 1}/{args.epochs}", unit="step")
         for i, (images, labels, _) in enumerate(bar):
             if len(labels) < 2 and args.recipe != "dlbhc":  # BatchNorm cannot train on one image (N % batch == 1)
@@ -234,7 +300,8 @@ def main():
             x = MyDataset.train_transform(images, args.img_size, IMAGENET_MEAN, IMAGENET_STD, generator)
             with autocast(device):
                 codes, logits, _ = step_model(x)
-            loss = hashing_loss(codes.float(), logits.float(), labels, args)
+            loss = hashing_loss(codes.float(), logits.float(), labels, args.label_smoothing, args.binarize,
+                                args.balance)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -244,7 +311,8 @@ def main():
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         seconds = time.perf_counter() - epoch_start
         train_seconds += seconds
-        test_accuracy = accuracy(model, test, args.img_size, device, args.batch_size)
+        test_accuracy, test_bad = accuracy(model, test, args.img_size, device, args.batch_size)
+        late_bad.update(dict.fromkeys(message for _, message in batches.bad + test_bad))
         record = {"epoch": epoch + 1, "loss": round(loss_sum.item() / len(train), 5),
                   "train_accuracy": round(correct.item() / len(train), 5), "test_accuracy": round(test_accuracy, 5),
                   "seconds": round(seconds, 2), "images_per_second": round(len(train) / seconds, 1)}
@@ -252,25 +320,16 @@ def main():
         model_dir.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
-        resume_state = {"state_dict": unwrapped_state_dict(model), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "epoch": epoch, "train_seconds": train_seconds,
-                        "run_stem": run_stem, "args": vars(args)}
-        atomic_write(resume_path, lambda tmp: torch.save(resume_state, tmp))
+        save_checkpoint(resume_path, model, net_args, optimizer=optimizer.state_dict(), generator=generator.get_state(),
+                        epoch=epoch, train_seconds=train_seconds, run_stem=run_stem, args=vars(args))
 
-    if sum(len(source.bad) for source in (train, test)) > bad_count:  # streamed images that broke when decoded
-        report_bad((train, test), args.result)
     if test_accuracy is None:  # resumed a run whose last epoch had completed: measure it again
-        test_accuracy = accuracy(model, test, args.img_size, device, args.batch_size)
-    path = model_name(model_dir, args.bits, test_accuracy)
-    save_checkpoint(path, model, bits=args.bits, classes=classes, img_size=args.img_size, mean=list(IMAGENET_MEAN),
-                    std=list(IMAGENET_STD), recipe=args.recipe, dropout=args.dropout, pretrained=args.pretrained,
-                    epoch=args.epochs, test_accuracy=test_accuracy, train_seconds=round(train_seconds, 2),
-                    device=str(device), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), args=vars(args))
-    if log_path.exists():
-        os.replace(log_path, path.with_suffix(".jsonl"))
-    resume_path.unlink(missing_ok=True)
-    print(json.dumps({"model": str(path), "test_accuracy": round(test_accuracy, 5),
-                      "train_seconds": round(train_seconds, 1)}))
+        test_accuracy, test_bad = accuracy(model, test, args.img_size, device, args.batch_size)
+        late_bad.update(dict.fromkeys(message for _, message in test_bad))
+    if late_bad:
+        report_bad((train, test), args.result, late_bad)
+    save_model(model, net_args, args, {"test_accuracy": test_accuracy, "train_seconds": round(train_seconds, 2),
+                                       "device": str(device)}, run_stem)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ def check_args(args):
 
 
 @dataclass
-class Split:
-    """The images of one split: where each goes (names), its label token, and where its pixels come from."""
+class LabelledImages:
+    """The labelled images of one split (train or test): where each goes, its label token, where its pixels come from."""
     names: list  # paths relative to data/image (and data/query for the test split)
     labels: list  # label tokens (str)
     pixels: np.ndarray | None = None  # uint8 [N, H, W] or [N, H, W, 3], written as PNG
@@ -130,7 +130,7 @@ class Split:
         return len(self.names)
 
     def subset(self, rows):
-        return Split([self.names[i] for i in rows], [self.labels[i] for i in rows],
+        return LabelledImages([self.names[i] for i in rows], [self.labels[i] for i in rows],
                      None if self.pixels is None else self.pixels[rows],
                      None if self.files is None else [self.files[i] for i in rows])
 
@@ -138,16 +138,16 @@ class Split:
 @dataclass
 class Prepared:
     classes: dict  # label token -> class name
-    train: Split
-    test: Split
+    train: LabelledImages
+    test: LabelledImages
     source: str  # where the data was read from
 
 
 def array_split(split_name, pixels, labels):
-    """A Split of in-memory images; names keep each image's index in its official split: train/3/00042.png."""
+    """A LabelledImages of in-memory images; names keep each image's index in its official split: train/3/00042.png."""
     tokens = [str(int(label)) for label in labels]
     names = [f"{split_name}/{token}/{index:05d}.png" for index, token in enumerate(tokens)]
-    return Split(names, tokens, pixels=pixels)
+    return LabelledImages(names, tokens, pixels=pixels)
 
 
 def first_per_class(labels, limit):
@@ -395,7 +395,7 @@ def split_rows(count, fraction, seed, token):
 
 
 def files_split(split_name, folder, picked, tokens):
-    """A Split copying files; picked: [(class folder name, path relative to it)]. Names stay unique."""
+    """A LabelledImages copying files; picked: [(class folder name, path relative to it)]. Names stay unique."""
     names, labels, files, taken = [], [], [], set()
     for class_name, relative in picked:
         token = tokens[class_name]
@@ -409,7 +409,7 @@ def files_split(split_name, folder, picked, tokens):
         names.append(name)
         labels.append(token)
         files.append(str(Path(folder) / class_name / relative))
-    return Split(names, labels, files=files)
+    return LabelledImages(names, labels, files=files)
 
 
 def check_overlap(folder, data_root):
@@ -524,7 +524,7 @@ def image_tasks(split, folders, force):
 
 
 def write_images(parts, workers, force):
-    """parts: [(Split, [folders])]. Writes every image into each of its folders; returns a Counter of outcomes."""
+    """parts: [(LabelledImages, [folders])]. Writes every image into each of its folders; returns a Counter of outcomes."""
     for split, folders in parts:
         for parent in sorted({os.path.dirname(name) for name in split.names}):
             for folder in folders:
