@@ -142,6 +142,25 @@ def flag_text(flag, value):
     return option if isinstance(value, bool) else f"{option} {value}"
 
 
+def saved_args_problem(saved):
+    """The first flag of a resume state's args whose value this parser would never produce, or None."""
+    actions = {action.dest: action for action in get_args_parser()._actions}
+    for flag, value in saved.items():
+        action = actions.get(flag)
+        if action is None or (value is None and action.default is None):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            fits = isinstance(value, bool)
+        elif action.type in (int, float):
+            fits = (isinstance(value, action.type) or action.type is float and isinstance(value, int)) \
+                and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            fits = isinstance(value, str)
+        if not fits or (action.choices and value not in action.choices):
+            return flag_text(flag, repr(value)[:40])
+    return None
+
+
 def resumed_args(args, given):
     """(the interrupted run's args with what `given` may change, its resume state) for --resume.
 
@@ -152,9 +171,12 @@ def resumed_args(args, given):
         raise UserError(f"nothing to resume: no interrupted {args.bits}-bit run in {args.model_dir}/ "
                         f"(start one with: python mytrain.py --bits {args.bits})")
     state = read_checkpoint(resume_path, "a resume state written by mytrain.py (delete it and start afresh)")
-    if not {"args", "epoch", "optimizer", "generator", "train_seconds", "run_stem"} <= state.keys():
-        raise UserError(f"{resume_path} is not a resume state written by mytrain.py; delete it and start afresh")
-    saved, completed = state["args"], state["epoch"] + 1  # state["epoch"]: 0-based index of the last completed epoch
+    problem = None if "args" not in state else saved_args_problem(state["args"])
+    if problem or not {"args", "epoch", "optimizer", "generator", "train_seconds", "run_stem"} <= state.keys():
+        raise UserError(f"{resume_path} is not a resume state written by mytrain.py ({problem or 'a field is missing'}); "
+                        "delete it and start afresh")
+    completed = state["epoch"] + 1  # state["epoch"]: 0-based index of the last completed epoch
+    saved = {flag: value for flag, value in state["args"].items() if flag in vars(args)}  # flags since removed go
     merged = {**vars(args), **saved, "resume": True}  # flags added since the run began keep their defaults
     for flag, value in sorted(given.items()):
         if flag in ("bits", "resume") or value == saved.get(flag, value):

@@ -277,6 +277,23 @@ def model_args_problem(args):
     return None
 
 
+def metadata_problem(checkpoint):
+    """What is wrong with the run's metadata beside model_args and model, or None (fields a reader may lack are
+    absent, never of another type: a resume state's run_stem becomes a file name, its args the run's flags)."""
+    checks = {
+        "epoch": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "test_accuracy": lambda v: is_number(v) and 0 <= v <= 1,
+        "train_seconds": lambda v: is_number(v) and v >= 0,
+        "args": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+        "pretrained": lambda v: isinstance(v, str), "device": lambda v: isinstance(v, str),
+        "time": lambda v: isinstance(v, str), "optimizer": lambda v: isinstance(v, dict),
+        "generator": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1,
+        "run_stem": lambda v: isinstance(v, str) and re.fullmatch(r"\d+bits_\d{8}-\d{6}", v) is not None,
+    }
+    wrong = [key for key, check in checks.items() if key in checkpoint and not check(checkpoint[key])]
+    return f"{wrong[0]} holds {type(checkpoint[wrong[0]]).__name__} {checkpoint[wrong[0]]!r:.40}" if wrong else None
+
+
 def state_dict_problem(args, state):
     """Whether state holds exactly the network's tensors, shapes and dtypes, judged on a shapes-only (meta) network."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -313,8 +330,8 @@ def read_checkpoint(path, what="a checkpoint written by mytrain.py"):
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not {what} (format {checkpoint.get('format')!r:.20}; this mytrain.py writes "
                         f"format {CHECKPOINT_FORMAT}: a newer version wrote it, update this repository)")
-    problem = model_args_problem(checkpoint["model_args"]) or state_dict_problem(checkpoint["model_args"],
-                                                                                   checkpoint["model"])
+    problem = (model_args_problem(checkpoint["model_args"]) or metadata_problem(checkpoint)
+               or state_dict_problem(checkpoint["model_args"], checkpoint["model"]))
     if problem:
         raise UserError(f"{path} is not {what} ({problem})")
     return checkpoint

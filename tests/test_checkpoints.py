@@ -240,3 +240,21 @@ def test_a_resume_state_of_an_earlier_mytrain_is_named(tmp_path):
            "train_seconds": 1.0, "run_stem": "8bits_20250101-000000", "args": FORMAT1["fields"]["args"]}
     torch.save(old, tmp_path / "model/8bits_20250101-000000.resume")
     one_line_error(resume(tmp_path), "8bits_20250101-000000.resume", "earlier mytrain.py", "delete")
+
+
+@pytest.mark.parametrize("field, value, named", [("run_stem", "../../elsewhere", "run_stem"), ("epoch", "1", "epoch"),
+                                                 ("generator", [1, 2], "generator"), ("args", {"lr": "0.1"}, "--lr")])
+def test_a_resume_state_with_a_field_of_the_wrong_type_is_refused(tmp_path, field, value, named):
+    """Its run_stem names the files the run writes and its args become the run's flags: each is checked."""
+    make_dataset(tmp_path / "data", classes=2, train_per_class=1, test_per_class=1, query_per_class=1)
+    net_args = net.model_args(8, ["0", "1"], 64, "bnconv", 0.0)
+    # the tensors matter only once the other fields have passed, as args must (its flags are checked by mytrain.py)
+    model = net.build_model(net_args).state_dict() if field == "args" else {}
+    state = {"format": 2, "model_args": net_args, "model": model, "optimizer": {}, "epoch": 0, "train_seconds": 1.0,
+             "generator": torch.zeros(8, dtype=torch.uint8), "run_stem": "8bits_20250101-000000",
+             "args": FORMAT1["fields"]["args"]}
+    state[field] = {**state["args"], **value} if field == "args" else value
+    (tmp_path / "model").mkdir()
+    torch.save(state, tmp_path / "model/8bits_20250101-000000.resume")
+    one_line_error(resume(tmp_path), "8bits_20250101-000000.resume", named)
+    assert not list(tmp_path.glob("elsewhere*")) and not (tmp_path / "data/image/.cache").exists()
