@@ -63,7 +63,7 @@ def dataset(tmp_path):
     return make_dataset(tmp_path / "data")
 
 
-TRAINED_BITS = 8
+TRAINED_BITS = 16
 TRAIN_FLAGS = ("--pretrained", "none", "--img-size", 64, "--batch-size", 16, "--device", "cpu", "--workers", 0,
                "--seed", 0)
 
@@ -77,7 +77,7 @@ def train_and_encode(root):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A root with data/ (3 generated classes: 96 training, 30 test, 15 query images), model/8bits_*.pt trained
+    """A root with data/ (3 generated classes: 96 training, 30 test, 15 query images), model/16bits_*.pt trained
     for 6 epochs at 64 px on the CPU, and database/ encoded with it. Read-only: copy_trained gives a copy.
 
     Under pytest-xdist the workers share one: the first to ask trains it while the others wait on a lock in the

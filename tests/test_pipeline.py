@@ -10,10 +10,10 @@ from conftest import REPO, TRAIN_FLAGS, make_dataset, run
 
 def test_training_learns_and_names_the_model_by_accuracy(trained):
     models = sorted((trained / "model").glob("*.pt"))
-    assert len(models) == 1 and models[0].name.startswith("8bits_")
+    assert len(models) == 1 and models[0].name.startswith("16bits_")
     checkpoint = torch.load(models[0], map_location="cpu", weights_only=True)
     assert checkpoint["test_accuracy"] >= 0.9  # chance is 1/3
-    assert models[0].name == f"8bits_{100 * checkpoint['test_accuracy']:.2f}.pt"
+    assert models[0].name == f"16bits_{100 * checkpoint['test_accuracy']:.2f}.pt"
     epochs = [json.loads(line) for line in models[0].with_suffix(".jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == list(range(1, 7))
     assert not list((trained / "model").glob("*.resume"))  # a finished run leaves no resume state
@@ -26,12 +26,12 @@ def test_checkpoint_shape_and_round_trip_with_weights_only(trained, tmp_path):
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert {"format", "model_args", "model", "args", "epoch", "test_accuracy", "train_seconds", "pretrained",
             "device", "time"} == raw.keys()
-    assert raw["model_args"] == {"bits": 8, "classes": ["0", "1", "2"], "img_size": 64, "mean": list(net.IMAGENET_MEAN),
-                                 "std": list(net.IMAGENET_STD), "recipe": "bnconv", "dropout": 0.0}
+    assert raw["model_args"] == {"bits": 16, "classes": ["0", "1", "2"], "img_size": 64, "recipe": "bnconv",
+                                 "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "dropout": 0.0}
     assert raw["pretrained"] == "none" and raw["epoch"] == 6 and raw["args"]["epochs"] == 6
     layers = {key.split(".")[0] for key in raw["model"]}
     assert layers == {"features", "fc6_fc7", "latent", "latent_norm", "classifier"}  # unwrapped, named layers
-    model, checkpoint = net.load_model(path, bits=8)
+    model, checkpoint = net.load_model(path, bits=16)
     again = tmp_path / "again.pt"
     net.save_checkpoint(again, model, checkpoint["model_args"],
                         **{k: v for k, v in checkpoint.items() if k not in ("model", "model_args", "format")})
@@ -58,12 +58,12 @@ def test_database_files_have_the_documented_shapes(trained):
         labels = np.load(db / f"{part}_label.npy")
         features = np.load(db / f"{part}_feature.npy")
         names = (db / f"{part}_names.txt").read_text().splitlines()
-        assert codes.dtype == np.uint8 and codes.shape == (count, 1)
+        assert codes.dtype == np.uint8 and codes.shape == (count, 2)
         assert labels.dtype == np.int64 and labels.shape == (count,)
         assert features.dtype == np.float16 and features.shape == (count, 4096)
         assert len(names) == count
     meta = json.loads((db / "meta.json").read_text())
-    assert meta["bits"] == 8 and meta["labels"] == ["0", "1", "2"] and len(meta["model_sha256"]) == 64
+    assert meta["bits"] == 16 and meta["labels"] == ["0", "1", "2"] and len(meta["model_sha256"]) == 64
     names = (db / "db_names.txt").read_text().splitlines()
     listed = [line.split()[0] for line in (root / "data/image/list.txt").read_text().splitlines()]
     assert names == listed
@@ -75,7 +75,7 @@ def test_codes_match_the_model_thresholded_at_half(copy_trained):
     import net
 
     root = copy_trained
-    run(REPO / "database.py", "--bits", 8, "--device", "cpu", "--workers", 0, "--out", "db2", cwd=root)
+    run(REPO / "database.py", "--bits", 16, "--device", "cpu", "--workers", 0, "--out", "db2", cwd=root)
     for name in ("db_binary.npy", "query_binary.npy", "db_feature.npy"):
         assert (root / "database" / name).read_bytes() == (root / "db2" / name).read_bytes()
     meta = json.loads((root / "db2/meta.json").read_text())
@@ -106,8 +106,8 @@ def test_unseen_and_missing_labels_in_the_database(tmp_path):
 
 def test_codes_separate_the_classes(trained, tmp_path):
     """A broken loss cannot land: the trained codes rank same-class items first (chance mAP is about 1/3)."""
-    run(REPO / "mAP.py", "--bits", 8, "--database", trained / "database", "--result", "result", "--device", "cpu",
+    run(REPO / "mAP.py", "--bits", 16, "--database", trained / "database", "--result", "result", "--device", "cpu",
         cwd=tmp_path)
-    metrics = json.loads((tmp_path / "result/map_8bits.json").read_text())
+    metrics = json.loads((tmp_path / "result/map_16bits.json").read_text())
     assert metrics["num_queries"] == 15 and metrics["num_database"] == 96
     assert metrics["map_all"] >= 0.8 and metrics["precision_r2"] >= 0.8

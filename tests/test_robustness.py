@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, class_image, make_dataset, run
+from conftest import REPO, TRAINED_BITS as BITS, class_image, make_dataset, run
 
 sys.path.insert(0, str(REPO))
 
@@ -42,7 +42,7 @@ def train(root, *extra, env=None):
 
 
 def encode(root, *extra, env=None):
-    return run(REPO / "database.py", "--bits", 8, "--device", "cpu", "--workers", 0, "--batch-size", 8, *extra,
+    return run(REPO / "database.py", "--bits", BITS, "--device", "cpu", "--workers", 0, "--batch-size", 8, *extra,
                cwd=root, check=False, env={**QUIET, **(env or {})})
 
 
@@ -100,7 +100,7 @@ BAD_KINDS = {"missing": "bad/missing.png", "empty": "bad/empty.png", "not-an-ima
 
 @pytest.fixture
 def with_model(tmp_path, trained):
-    """A fresh root with the small data set and a copy of the session's 8-bit model (tests may damage either)."""
+    """A fresh root with the small data set and a copy of the session's 16-bit model (tests may damage either)."""
     small_dataset(tmp_path)
     shutil.copytree(trained / "model", tmp_path / "model")
     return tmp_path
@@ -261,7 +261,7 @@ def test_skip_bad_encodes_past_every_kind_of_bad_image_and_lists_them(with_model
     query_names = (with_model / "database/query_names.txt").read_text().splitlines()
     assert len(db_names) == 16 and len(query_names) == 4
     assert not any(name.startswith("bad/") for name in db_names + query_names)
-    db, query, meta = database.load_database(with_model / "database", 8)
+    db, query, meta = database.load_database(with_model / "database", BITS)
     assert len(db.codes) == 16 and len(query.codes) == 4 and meta["skipped_bad"] == 5
     clean = with_model / "clean"  # the same good images alone give the same codes, row for row
     shutil.copytree(with_model / "data", clean / "data")
@@ -432,8 +432,8 @@ def test_a_malicious_resume_file_is_refused_and_never_runs(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing", "text", "truncated", "plain-state-dict", "dict-with-bits"])
 def test_a_model_file_that_is_not_a_checkpoint_is_named(with_model, case):
-    path = with_model / "model/8bits_99.00.pt"
-    real = next((with_model / "model").glob("8bits_*.pt")).read_bytes()
+    path = with_model / "model/16bits_99.00.pt"
+    real = next((with_model / "model").glob("16bits_*.pt")).read_bytes()
     if case == "text":
         path.write_text("<html>404 not found</html>\n")
     elif case == "truncated":
@@ -442,13 +442,13 @@ def test_a_model_file_that_is_not_a_checkpoint_is_named(with_model, case):
         torch.save({"features.0.weight": torch.zeros(2)}, path)
     elif case == "dict-with-bits":
         torch.save({"bits": 8, "state_dict": {}}, path)
-    line = fails(encode(with_model, "--model", path.relative_to(with_model)), "model/8bits_99.00.pt")
+    line = fails(encode(with_model, "--model", path.relative_to(with_model)), "model/16bits_99.00.pt")
     assert ("does not exist" if case == "missing" else "not a checkpoint written by mytrain.py") in line
 
 
 def test_bits_that_do_not_match_the_model_are_refused(with_model):
-    model = next((with_model / "model").glob("8bits_*.pt")).relative_to(with_model)
-    fails(encode(with_model, "--model", model, "--bits", 16), model, "--bits 16", "--bits 8")
+    model = next((with_model / "model").glob("16bits_*.pt")).relative_to(with_model)
+    fails(encode(with_model, "--model", model, "--bits", 8), model, "--bits 8", "--bits 16")
 
 
 def test_debug_shows_the_traceback(with_model):
@@ -466,7 +466,7 @@ def db_copy(tmp_path, built):
     return tmp_path / "database"
 
 
-def refused(folder, *names, bits=8, features=True):
+def refused(folder, *names, bits=BITS, features=True):
     with pytest.raises(UserError) as caught:
         database.load_database(folder, bits, features=features)
     message = str(caught.value)
@@ -477,9 +477,9 @@ def refused(folder, *names, bits=8, features=True):
 
 
 def test_the_database_loads(db_copy):
-    db, query, meta = database.load_database(db_copy, 8, features=True)
+    db, query, meta = database.load_database(db_copy, BITS, features=True)
     assert len(db.codes) == len(db.labels) == len(db.names) == len(db.features) == 16
-    assert len(query.codes) == 4 and meta["bits"] == 8
+    assert len(query.codes) == 4 and meta["bits"] == BITS
 
 
 def test_a_missing_database_or_file_is_named(db_copy):
@@ -518,10 +518,10 @@ def test_a_corrupt_npy_is_named(db_copy, damage):
 
 
 def test_meta_bits_different_from_the_flag_are_refused(db_copy):
-    refused(db_copy, "8-bit", "--bits 16", bits=16)
+    refused(db_copy, "16-bit", "--bits 8", bits=8)
     meta = json.loads((db_copy / "meta.json").read_text())
-    (db_copy / "meta.json").write_text(json.dumps({**meta, "bits": 16}))  # the codes still hold 8 bits
-    refused(db_copy, "db_binary.npy", "not 16 bits", bits=16)
+    (db_copy / "meta.json").write_text(json.dumps({**meta, "bits": 8}))  # the codes still hold 16 bits
+    refused(db_copy, "db_binary.npy", "not 8 bits", bits=8)
     (db_copy / "meta.json").write_text("{not json")
     refused(db_copy, "meta.json", "corrupt")
 
@@ -536,9 +536,9 @@ def test_a_changed_or_other_model_is_refused_for_queries_by_image(db_copy, built
     assert database.model_for_database(db_copy, meta) == model
     other = db_copy.parent / "other.pt"
     shutil.copy(model, other)
-    with pytest.raises(UserError, match=r"is not the model that built .*python database.py --bits 8 --model"):
+    with pytest.raises(UserError, match=r"is not the model that built .*python database.py --bits 16 --model"):
         database.model_for_database(db_copy, meta, model=other)
-    with pytest.raises(UserError, match=r"sha256 differs.*python database.py --bits 8"):
+    with pytest.raises(UserError, match=r"sha256 differs.*python database.py --bits 16"):
         database.model_for_database(db_copy, {**meta, "model": str(other), "model_sha256": "0" * 64})
 
 
@@ -627,14 +627,14 @@ def test_a_killed_or_failed_database_run_leaves_the_previous_database_intact(bui
     else:
         fails(result, "database", "Operation not permitted" if fault == "swap-fails" else "No space left")
     assert snapshot(built_copy / "database") == before
-    db, query, meta = database.load_database(built_copy / "database", 8, features=True)
+    db, query, meta = database.load_database(built_copy / "database", BITS, features=True)
     assert len(query.codes) == 4 and meta["num_queries"] == 4
     leftovers = [p.name for p in built_copy.iterdir() if p.name.startswith(".database.")]
     if fault in ("disk-full", "swap-fails"):  # a run that ends by itself tidies its temporary folder away
         assert not leftovers, leftovers
     if fault == "kill-mid-write":  # the half-written temporary folder does not stop the next run replacing it
         succeeds(encode(built_copy))
-        assert len(database.load_database(built_copy / "database", 8)[1].codes) == 3
+        assert len(database.load_database(built_copy / "database", BITS)[1].codes) == 3
 
 
 def test_a_kill_between_the_two_renames_names_where_the_previous_database_is(built_copy):
@@ -696,7 +696,7 @@ def assert_writes_were_atomic(tmp_path):
 
 
 def stage(root, script, *args, env=None):
-    return run(REPO / script, "--bits", 8, "--device", "cpu", *args, cwd=root, check=False,
+    return run(REPO / script, "--bits", BITS, "--device", "cpu", *args, cwd=root, check=False,
                env={**QUIET, **(env or {})})
 
 
@@ -722,8 +722,8 @@ def test_every_stage_refuses_a_damaged_database(built_copy, script, damage):
         names = ("db_feature.npy", "corrupt")
     elif damage == "meta-bits":
         meta = json.loads((folder / "meta.json").read_text())
-        (folder / "meta.json").write_text(json.dumps({**meta, "bits": 16}))
-        names = ("16-bit", "--bits 8")
+        (folder / "meta.json").write_text(json.dumps({**meta, "bits": 8}))
+        names = ("8-bit", "--bits 16")
     else:
         shutil.rmtree(folder)
         names = ("database", "does not exist")
@@ -735,14 +735,14 @@ def test_a_query_by_image_refuses_a_changed_or_other_model(built_copy):
     image = built_copy / "data/query/query/c0_0.png"
     succeeds(stage(built_copy, "query.py", "--image", image))  # as built: accepted
     other = built_copy / "other.pt"
-    shutil.copy(next((built_copy / "model").glob("8bits_*.pt")), other)
+    shutil.copy(next((built_copy / "model").glob("16bits_*.pt")), other)
     line = fails(stage(built_copy, "demo.py", "--image", image, "--model", other), "other.pt",
-                 "python database.py --bits 8 --model")
+                 "python database.py --bits 16 --model")
     assert "not the model that built" in line
-    path = next((built_copy / "model").glob("8bits_*.pt"))
+    path = next((built_copy / "model").glob("16bits_*.pt"))
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     torch.save({**checkpoint, "test_accuracy": checkpoint["test_accuracy"] / 2}, path)  # valid, another sha256
-    fails(stage(built_copy, "query.py", "--image", image), "sha256", "python database.py --bits 8")
+    fails(stage(built_copy, "query.py", "--image", image), "sha256", "python database.py --bits 16")
 
 
 def test_the_later_stages_write_only_through_temporary_names(built_copy):
@@ -751,5 +751,5 @@ def test_the_later_stages_write_only_through_temporary_names(built_copy):
                           ("query.py", "--image", built_copy / "data/query/query")):
         succeeds(stage(built_copy, script, *map(str, args), env=audit))
     produced = sorted(p.name for p in (built_copy / "result").iterdir())
-    assert {"map_8bits.json", "query.txt", "query_images.txt", "demo_1.png"} <= set(produced), produced
+    assert {"map_16bits.json", "query.txt", "query_images.txt", "demo_1.png"} <= set(produced), produced
     assert_writes_were_atomic(built_copy)
