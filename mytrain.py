@@ -62,8 +62,9 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--model-dir", default="model", help="where models are saved (default: %(default)s)")
     parser.add_argument("--result", default="result", help="where bad_images.txt goes (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue the newest interrupted run with these --bits; other flags given "
-                             "must match that run's, except a larger --epochs and where/how it runs")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest interrupted run with these --bits; other flags given must match "
+                             "that run's, except a larger --epochs and where/how it runs")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in result/bad_images.txt")
     parser.add_argument("--no-cache", action="store_true", help="stream images through DataLoader workers instead of the decoded cache")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; costs compile time up front)")
@@ -231,7 +232,6 @@ def report_bad(sources, result_dir, late=()):
     if bad:
         write_text(Path(result_dir) / "bad_images.txt", "".join(m + "\n" for m in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(result_dir) / 'bad_images.txt'}")
-    return len(bad)
 
 
 def network_args(args, classes, state):

@@ -21,6 +21,7 @@ import math
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -227,7 +228,8 @@ def safe_load(path, what, mmap=False):
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            # mmap needs torch.save's zip format; an older or bare pickle is read whole, as its size allows
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         asked = re.search(r"GLOBAL (\S+)", str(err))
         holds = f"asks to call {asked.group(1)}" if asked else "holds pickle instructions beyond tensors and plain values"
