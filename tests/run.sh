@@ -11,4 +11,4 @@ if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }
   (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)) \
     >/dev/null || echo "chromium not installed: the browser test will be skipped"
 fi
-exec python -m pytest -q -n 2 tests "$@"
+exec python -m pytest -q -n 2 --dist loadgroup tests "$@"  # loadgroup: the Milvus tests share one server
