@@ -114,8 +114,8 @@ class Retrieval:
             path.write_bytes(data)
             check_upload(path)
             with self.lock:
-                _, codes, features, _ = database.encode_files(self.network, self.checkpoint, [path], self.device,
-                                                            self.args.batch_size)
+                _, codes, features, _ = database.encode_files(self.network, self.checkpoint["model_args"], [path],
+                                                            self.device, self.args.batch_size)
         return {**self.answer("upload", None, codes, features, radius, topk, rerank), "index": None, "image": None}
 
     def answer(self, name, label, codes, features, radius, topk, rerank):

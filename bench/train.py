@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import MyDataset  # noqa: E402
 from database import encode  # noqa: E402
-from mytrain import hashing_loss  # noqa: E402
-from net import IMAGENET_MEAN, IMAGENET_STD, AlexNetPlusLatent, autocast, pick_device  # noqa: E402
+from net import IMAGENET_MEAN, IMAGENET_STD, AlexNetPlusLatent, autocast, hashing_loss, model_args, pick_device  # noqa: E402
 from stage import common_args_parser, print_args, run_main, write_json  # noqa: E402
 
 
@@ -74,12 +73,11 @@ class Step:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.loss_args = argparse.Namespace(label_smoothing=0.0, binarize=0.0, balance=0.0)
 
     def __call__(self, x, labels):
         with autocast(self.device):
             codes, logits, _ = self.model(x)
-        loss = hashing_loss(codes.float(), logits.float(), labels, self.loss_args)
+        loss = hashing_loss(codes.float(), logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -164,15 +162,15 @@ def bench_set(name, folder, listing, args, device):
         for pipeline, batches in pipelines.items():
             row[pipeline] = max(row.get(pipeline, 0.0), timed(batches, step, args.steps, device))
 
-    checkpoint = {"bits": 48, "img_size": args.img_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    net_args = model_args(48, classes, args.img_size, "bn", 0.0)
     model = step.model.eval()
     encode_count = min(len(source), args.batch_size * args.steps)
-    source.keep = source.keep[:encode_count]
-    encode(model, checkpoint, source, device, args.batch_size)  # warm-up, like the ceiling's untimed batches
+    source = source.first(encode_count)
+    encode(model, net_args, source, device, args.batch_size)  # warm-up, like the ceiling's untimed batches
     row["encode"] = 0.0
     for _ in range(args.rounds):
         start = time.perf_counter()
-        encode(model, checkpoint, source, device, args.batch_size)
+        encode(model, net_args, source, device, args.batch_size)
         sync(device)
         row["encode"] = max(row["encode"], encode_count / (time.perf_counter() - start))
 
