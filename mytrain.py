@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import MyDataset
-from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, AlexNetPlusLatent, autocast, load_pretrained, model_name,
-                 pick_device, safe_load, save_checkpoint, unwrapped_state_dict)
+from net import (IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, RECIPES, AlexNetPlusLatent, autocast, cpu_has_native_bf16,
+                 load_pretrained, model_name, pick_device, safe_load, save_checkpoint, unwrapped_state_dict, uses_bf16)
 from stage import UserError, atomic_write, common_args_parser, print_args, run_main, write_text
 
 
@@ -59,6 +59,9 @@ def get_args_parser():
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in result/bad_images.txt")
     parser.add_argument("--no-cache", action="store_true", help="stream images through DataLoader workers instead of the decoded cache")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; costs compile time up front)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the training step's autocast; auto: bf16 on CUDA, fp32 on the CPU (bf16 measured slower "
+                             "there, README); evaluation and encoding keep the device's default (default: %(default)s)")
     return parser
 
 
@@ -178,7 +181,7 @@ def main():
         if not isinstance(state, dict) or not {"args", "epoch", "state_dict", "optimizer"} <= state.keys():
             raise UserError(f"{resume_path} is not a resume state written by mytrain.py; delete it and start afresh")
         kept = {k: getattr(args, k) for k in ("device", "workers", "debug", "resume")}
-        args = argparse.Namespace(**{**state["args"], **kept})
+        args = argparse.Namespace(**{"precision": "auto", **state["args"], **kept})  # states from before --precision
         # state["epoch"] is the 0-based index of the last completed epoch; the log counts from 1
         print(f"resuming {resume_path} from epoch {state['epoch'] + 2} of {args.epochs} "
               f"({state['epoch'] + 1} completed)")
@@ -197,8 +200,11 @@ def main():
     bad_count = report_bad((train, test), args.result)
 
     model = model.to(device)
-    if device.type == "cuda":
+    bf16 = uses_bf16(device, args.precision)
+    if device.type == "cuda" or bf16:  # oneDNN's bf16 convolutions want NHWC as much as cuDNN's (README, Performance)
         model = model.to(memory_format=torch.channels_last)
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        print("note: --precision bf16 on a CPU without native bf16 (AVX512_BF16/AMX) is emulated and slower than fp32")
     optimizer = make_optimizer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
     start_epoch, train_seconds = 0, 0.0
@@ -232,7 +238,7 @@ def main():
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps_per_epoch, args) * group["lr_scale"]
             x = MyDataset.train_transform(images, args.img_size, IMAGENET_MEAN, IMAGENET_STD, generator)
-            with autocast(device):
+            with autocast(device, args.precision):
                 codes, logits, _ = step_model(x)
             loss = hashing_loss(codes.float(), logits.float(), labels, args)
             optimizer.zero_grad(set_to_none=True)
