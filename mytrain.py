@@ -3,6 +3,7 @@
     python mytrain.py --bits 48                                      # ImageNet-initialised, as in DLBHC
     python mytrain.py --bits 48 --pretrained none --img-size 64 --device cpu --epochs 8    # the CPU quick mode
     python mytrain.py --bits 48 --resume                             # continue the last interrupted 48-bit run
+    python mytrain.py --bits 48 --precision fp32                     # no autocast (default auto: bf16 on CUDA, fp32 on the CPU)
 
 The finished model is saved as model/<bits>bits_<test accuracy %>.pt (e.g. model/48bits_91.37.pt, with _2, _3
 where the name is taken), its per-epoch metrics beside it as <same name>.jsonl. While a run is going, its state

@@ -272,7 +272,7 @@ def seconds_per_call(work, calls):
 
 
 def prepare_configs(args, x, labels, threads):
-    """{name: ConfiguredStep} after two untimed steps each (the first one compiles), and {name: result record}."""
+    """{name: ConfiguredStep} after an untimed step each (two when compiled: the first compiles), {name: record}."""
     steps, results = {}, {}
     for name in args.configs:
         settings = dict(STEP_CONFIGS)[name]
@@ -282,13 +282,15 @@ def prepare_configs(args, x, labels, threads):
                 start = time.perf_counter()
                 configured.step(x, labels)
                 first = time.perf_counter() - start
-                configured.step(x, labels)
+                if settings.get("compile"):
+                    configured.step(x, labels)
         except Exception as err:  # a compiler missing, a flag this oneDNN refuses: recorded, the others still run
             results[name] = {"settings": settings, "skipped": f"{type(err).__name__}: {str(err).strip()[:300]}"}
             print(f"{name}: skipped ({results[name]['skipped'].splitlines()[0]})", flush=True)
             continue
         steps[name] = configured
         results[name] = {"settings": settings, "first_step_s": first, "step_s": [], "encode_s": []}
+        print(f"{name}: first step {first:.1f} s", flush=True)
     return steps, results
 
 
@@ -298,8 +300,10 @@ def ratio_summary(times, reference):
     return {"median": float(np.median(ratios)), "min": ratios[0], "max": ratios[-1]}
 
 
-def bench_configs(args):
-    """Interleaved rounds over the step configurations; speed-ups relative to fp32 in the same round."""
+def bench_configs(args, save):
+    """Interleaved rounds over the step configurations; speed-ups relative to fp32 in the same round.
+
+    save(results) is called after every round, so a run stopped early keeps the rounds it finished."""
     threads = torch.get_num_threads()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)  # contiguous, as mytrain's
@@ -312,6 +316,12 @@ def bench_configs(args):
                 if not configured.settings.get("compile"):
                     results[name]["encode_s"].append(seconds_per_call(lambda: configured.encode(x), args.config_steps))
             print(f"round {round_index + 1}/{args.rounds} {name}: step {results[name]['step_s'][-1]:.2f} s", flush=True)
+        summarise(steps, results)
+        save(results)
+    return results
+
+
+def summarise(steps, results):
     for name in steps:
         record = results[name]
         record["step_speedup"] = ratio_summary(record["step_s"], results["fp32"]["step_s"])
@@ -319,7 +329,6 @@ def bench_configs(args):
             record["encode_speedup"] = ratio_summary(record["encode_s"], results["fp32"]["encode_s"])
         if steps[name].settings.get("compile"):
             record["compile_s"] = record["first_step_s"] - float(np.median(record["step_s"]))
-    return results
 
 
 def print_configs(results, threads):
@@ -361,17 +370,21 @@ def main():
     print_args(args)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    rows = bench_inputs(args, device) if "input" in args.parts else []
-    configs = bench_configs(args) if "step" in args.parts else {}
     device_name = torch.cuda.get_device_name(device) if cuda else cpu_name()
+    rows = bench_inputs(args, device) if "input" in args.parts else []
+
+    def save(configs):
+        write_json(Path(args.result) / "bench_train.json",
+                   {"device": device_name, "native_bf16": cpu_has_native_bf16(), "args": vars(args), "rows": rows,
+                    "configurations": configs, "load_average": list(os.getloadavg()),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    configs = bench_configs(args, save) if "step" in args.parts else {}
     if rows:
         print_inputs(rows, device_name, args)
     if configs:
         print_configs(configs, torch.get_num_threads())
-    write_json(Path(args.result) / "bench_train.json",
-               {"device": device_name, "native_bf16": cpu_has_native_bf16(), "args": vars(args), "rows": rows,
-                "configurations": configs, "load_average": list(os.getloadavg()),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    save(configs)
 
 
 def bench_inputs(args, device):
