@@ -314,7 +314,7 @@ def train_model(args, ranks):
 
     model = model.to(device)
     bf16 = uses_bf16(device, args.precision)
-    if device.type == "cuda" or bf16:  # oneDNN's bf16 convolutions want NHWC as much as cuDNN's (README, Performance)
+    if device.type == "cuda" or bf16:  # NHWC: the layout of cuDNN's and oneDNN's fast bf16 convolutions
         model = model.to(memory_format=torch.channels_last)
     if bf16 and device.type == "cpu" and not cpu_has_native_bf16() and ranks.is_main:
         print("note: --precision bf16 on a CPU without native bf16 (AVX512_BF16/AMX) is emulated and slower than fp32")
