@@ -126,13 +126,19 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
     """
     model_path = model_for_database(folder, meta, model)
     network, checkpoint = load_model(model_path, int(meta["bits"]))
+    keep, codes, features, bad = encode_files(network, checkpoint, files, device, batch_size, skip_bad)
+    return [files[i] for i in keep], codes, features, bad
+
+
+def encode_files(network, checkpoint, files, device, batch_size, skip_bad=False):
+    """Image files encoded with a loaded model (serve.py loads it once): (indices of files kept, codes, fc7, bad)."""
     entries = [MyDataset.Entry(str(path.resolve()), None, n) for n, path in enumerate(files, start=1)]
     # absolute paths: Path(cwd) / path is the path; cache=False writes nothing beside the user's images
     source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), checkpoint["img_size"],
                                    "query_images", workers=0 if len(entries) < 512 else 2, skip_bad=skip_bad,
                                    cache=False, device=device)
     codes, features = encode(network, checkpoint, source, device, batch_size)
-    return [files[i] for i in source.keep], codes, features, source.bad
+    return source.keep, codes, features, source.bad
 
 
 def known_labels(image_folder):
@@ -322,6 +328,18 @@ def label_text(meta, label, class_names=None):
     indices = np.flatnonzero(label) if label.ndim == 1 else [int(label)]
     known = [str(tokens[i]) for i in indices if 0 <= i < len(tokens)]
     return ",".join(class_names.get(token, token) for token in known) or None
+
+
+def query_answer(name, label, found, db, meta):
+    """One query's answer as query.json and serve.py's API give it: r', candidates, each result's distances.
+
+    found: one of mAP.coarse_to_fine's dicts (rows, hamming, euclidean, radius, candidates).
+    """
+    return {"query": name, "label": label_text(meta, label), "radius": found["radius"],
+            "candidates": found["candidates"],
+            "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, db.labels[row]),
+                         "hamming": int(h), "euclidean": round(float(e), 4)}
+                        for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
 
 
 def class_names(data_root):
