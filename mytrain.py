@@ -3,6 +3,7 @@
     python mytrain.py --bits 48                                      # ImageNet-initialised, as in DLBHC
     python mytrain.py --bits 48 --pretrained none --img-size 64 --device cpu --epochs 8    # the CPU quick mode
     python mytrain.py --bits 48 --resume                             # continue the last interrupted 48-bit run
+    python mytrain.py --bits 48 --precision fp32                     # no autocast (default auto: bf16 on CUDA, fp32 on the CPU)
     torchrun --nproc-per-node 8 mytrain.py --bits 48                 # 8 GPUs; --batch-size is the global batch
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT mytrain.py --bits 48
 
@@ -31,14 +32,16 @@ import numpy as np
 import torch
 
 import MyDataset
-from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, all_reduce_sum, autocast, broadcast_buffers, build_model,
+from net import (IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, RECIPES, all_reduce_sum, autocast, broadcast_buffers, build_model,
                  distributed_args_parser, distributed_run, from_main, hashing_loss, load_pretrained, local_main_first,
-                 model_args, model_name, read_checkpoint, save_checkpoint, setup_ranks, wrap_for_ranks)
+                 model_args, model_name, read_checkpoint, save_checkpoint, setup_ranks, uses_bf16, wrap_for_ranks,
+                 cpu_has_native_bf16)
 from stage import UserError, common_args_parser, print_args, run_main, write_text
 
 # flags that say where and how a run goes, not what it trains: a resumed run takes them as given now
 RESUME_MAY_CHANGE = ("data_root", "device", "debug", "workers", "model_dir", "result", "skip_bad", "no_cache", "compile",
-                     "dist_timeout")
+                     "precision", "dist_timeout")
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser("mytrain.py", description=__doc__.split("\n")[0],
@@ -76,6 +79,9 @@ def get_args_parser():
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in result/bad_images.txt")
     parser.add_argument("--no-cache", action="store_true", help="stream images through DataLoader workers instead of the decoded cache")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; costs compile time up front)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the training step's autocast; auto: bf16 on CUDA, fp32 on the CPU (bf16 measured slower "
+                             "there, README); evaluation and encoding keep the device's default (default: %(default)s)")
     return parser
 
 
@@ -341,7 +347,7 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
             group["lr"] = learning_rate(step, steps_per_epoch, args) * group["lr_scale"]
         start, stop = MyDataset.batch_share(batch, ranks.rank, ranks.world_size)
         x = MyDataset.train_transform(images, args.img_size, IMAGENET_MEAN, IMAGENET_STD, generator, rows=(start, stop, batch))
-        with autocast(ranks.device):
+        with autocast(ranks.device, args.precision):
             codes, logits, _ = step_model(x)
         loss = hashing_loss(codes.float(), logits.float(), labels, args.label_smoothing, args.binarize, args.balance)
         optimizer.zero_grad(set_to_none=True)
@@ -391,8 +397,11 @@ def train_model(args, ranks):
     late_bad = {}  # message -> None, in the order found: every pass meets a streamed bad image again
 
     model = model.to(device)
-    if device.type == "cuda":
+    bf16 = uses_bf16(device, args.precision)
+    if device.type == "cuda" or bf16:  # NHWC: the layout of cuDNN's and oneDNN's fast bf16 convolutions
         model = model.to(memory_format=torch.channels_last)
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16() and ranks.is_main:
+        print("note: --precision bf16 on a CPU without native bf16 (AVX512_BF16/AMX) is emulated and slower than fp32")
     optimizer = make_optimizer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
     start_epoch, train_seconds, run_stem = restore_run(state, model, optimizer, generator, model_dir, args.bits,

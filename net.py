@@ -64,10 +64,31 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision on the CPU (bf16 matmuls are slow on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512_BF16 or AMX); elsewhere PyTorch leaves oneDNN out and runs
+    bf16 convolutions in its reference kernels, many times slower than fp32 (README, Performance)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:  # not Linux: no way to tell without another dependency
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_bf16(device, precision="auto"):
+    """The one place that decides autocast. auto: bf16 on CUDA; fp32 on the CPU, where bf16 was measured slower on
+    a CPU without native bf16 and has not been measured on one with it (README, Performance)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device, precision="auto"):
+    """bf16 autocast where uses_bf16(device, precision); full precision otherwise."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
