@@ -25,7 +25,7 @@ def test_checkpoint_shape_and_round_trip_with_weights_only(trained, tmp_path):
     path = next((trained / "model").glob("*.pt"))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert {"format", "model_args", "model", "args", "epoch", "test_accuracy", "train_seconds", "pretrained",
-            "device", "time"} == raw.keys()
+            "device", "time", "world_size", "label_kind", "accuracy_definition"} == raw.keys()
     assert raw["model_args"] == {"bits": 16, "classes": ["0", "1", "2"], "img_size": 64, "recipe": "bnconv",
                                  "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "dropout": 0.0}
     assert raw["pretrained"] == "none" and raw["epoch"] == 6 and raw["args"]["epochs"] == 6

@@ -77,19 +77,19 @@ def noise_image(path, size=64, seed=0):
     Image.fromarray(pixels).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
 
 
-def write_bad_image(path, kind):
-    """A broken image file of one kind: missing, empty, not an image, or a PNG/JPEG cut off in its data."""
+def write_bad_image(path, kind, size=64):
+    """A broken image file of one kind: missing, empty, not an image, or a PNG/JPEG (size x size) cut off in its data."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "not-an-image":
         path.write_text("this is a text file, not an image\n")
     elif kind.startswith("truncated"):
-        noise_image(path)
+        noise_image(path, size)
         data = path.read_bytes()
         path.write_bytes(data[:len(data) * 2 // 3])
         with Image.open(path) as image:  # the header still reads: only decoding can find the fault
-            assert image.size == (64, 64)
+            assert image.size == (size, size)
     else:
         assert kind == "missing"
 
@@ -247,7 +247,8 @@ def test_skip_bad_encodes_past_every_kind_of_bad_image_and_lists_them(with_model
     image_dir, query_dir = with_model / "data/image", with_model / "data/query"
     for kind, name in BAD_KINDS.items():
         folder = query_dir if kind in ("empty", "truncated-png") else image_dir
-        write_bad_image(folder / name, kind)
+        # the good images' size: a header of another size would change the size every image is cached at
+        write_bad_image(folder / name, kind, size=32)
         lines = (folder / "list.txt").read_text().splitlines()
         lines.insert(1, f"{name} 1")  # among good ones: the codes of the rest must keep their own rows
         (folder / "list.txt").write_text("\n".join(lines) + "\n")
