@@ -4,7 +4,6 @@ The end-to-end run trains on a tiny generated set whose images carry one or two 
 slow reference written here: relevant = shares at least one label, ties in the documented shuffle.
 """
 import json
-import sys
 
 import numpy as np
 import pytest

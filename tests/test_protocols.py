@@ -7,8 +7,6 @@ images: tiny PNGs, hard-linked to a few files so that making them takes seconds.
 import json
 import os
 import pickle
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
