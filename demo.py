@@ -18,7 +18,7 @@ import numpy as np
 
 import MyDataset
 import database
-from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
+from stage import UserError, atomic_write, common_args_parser, elapsed, non_negative_int, print_args, run_main
 from query import add_retrieval_args, label_text, open_retrieval
 
 RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"
@@ -28,7 +28,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser("demo.py", description=__doc__.split("\n")[0], parents=[common_args_parser()],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_retrieval_args(parser)
-    parser.add_argument("--num", type=int, default=0, help="0-based index of the query in database/ (default: %(default)s)")
+    parser.add_argument("--num", type=non_negative_int, default=0, help="0-based index of the query in database/ (default: %(default)s)")
     parser.add_argument("--image", default=None, metavar="PATH", help="query this image file instead")
     parser.add_argument("--show", action="store_true", help="also open the figure in a window")
     return parser

@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 import database
 from net import pick_device
-from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main, write_json
+from stage import (UserError, atomic_write, common_args_parser, elapsed, memory_mb, positive_int, print_args, run_main,
+                   threads_int, write_json)
 
 TIES = ("shuffle", "index")
 CURVE_DEPTH = 1000  # P@k is reported for k = 1..min(CURVE_DEPTH, N)
@@ -542,17 +543,17 @@ def labelled_queries(query, args):
 def get_args_parser():
     parser = argparse.ArgumentParser("mAP.py", description=__doc__.split("\n")[0], parents=[common_args_parser(data_root=False)],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, required=True, help="code length; must match the database")
+    parser.add_argument("--bits", type=positive_int, required=True, help="code length; must match the database")
     parser.add_argument("--database", default="database", help="folder written by database.py (default: %(default)s)")
     parser.add_argument("--result", default="result", help="folder for the JSON and figures (default: %(default)s)")
-    parser.add_argument("--topk", type=int, default=1000, help="k of mAP@k (default: %(default)s)")
+    parser.add_argument("--topk", type=positive_int, default=1000, help="k of mAP@k (default: %(default)s)")
     parser.add_argument("--ties", default="shuffle", choices=TIES,
                         help="order of equal distances: a fixed seeded shuffle, or database order (default: %(default)s)")
     parser.add_argument("--rerank", action="store_true",
                         help="order equal Hamming distances by fc7 Euclidean distance (reads the features)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--threads", type=threads_int, default=os.cpu_count() or 1,
                         help="CPU threads ranking chunks of queries (default: %(default)s, the cores)")
-    parser.add_argument("--memory-mb", type=int, default=256,
+    parser.add_argument("--memory-mb", type=memory_mb, default=256,
                         help="working memory for chunks of queries on the CPU (default: %(default)s)")
     return parser
 

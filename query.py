@@ -29,7 +29,8 @@ import MyDataset
 import database
 import mAP
 from net import pick_device
-from stage import UserError, common_args_parser, elapsed, print_args, run_main, write_json, write_text
+from stage import (UserError, common_args_parser, elapsed, memory_mb, non_negative_int, positive_int, print_args,
+                   refuse_json_constant, run_main, threads_int, write_json, write_text)
 
 
 def get_args_parser():
@@ -44,19 +45,19 @@ def get_args_parser():
 
 def add_retrieval_args(parser):
     """The flags query.py and demo.py share."""
-    parser.add_argument("--bits", type=int, required=True, help="code length; must match the database")
+    parser.add_argument("--bits", type=positive_int, required=True, help="code length; must match the database")
     parser.add_argument("--database", default="database", help="folder written by database.py (default: %(default)s)")
     parser.add_argument("--result", default="result", help="folder for the results (default: %(default)s)")
-    parser.add_argument("--radius", type=int, default=None,
+    parser.add_argument("--radius", type=non_negative_int, default=None,
                         help="Hamming radius of the candidates (default: result/search_<bits>bits.json's "
                              "recommendation for this model, else 2)")
-    parser.add_argument("--topk", type=int, default=10, help="results per query (default: %(default)s)")
+    parser.add_argument("--topk", type=positive_int, default=10, help="results per query (default: %(default)s)")
     parser.add_argument("--ties", default="shuffle", choices=mAP.TIES, help="order of equal distances (default: %(default)s)")
     parser.add_argument("--model", default=None,
                         help="with --image: the model that built the database (default: the one meta.json names)")
-    parser.add_argument("--batch-size", type=int, default=64, help="with --image: images per forward pass (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: %(default)s)")
-    parser.add_argument("--memory-mb", type=int, default=256,
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="with --image: images per forward pass (default: %(default)s)")
+    parser.add_argument("--threads", type=threads_int, default=os.cpu_count() or 1, help="CPU threads (default: %(default)s)")
+    parser.add_argument("--memory-mb", type=memory_mb, default=256,
                         help="working memory for chunks of queries (default: %(default)s)")
 
 
@@ -69,9 +70,9 @@ def default_radius(args, meta):
     path = Path(args.result) / f"search_{args.bits}bits.json"
     if path.is_file():
         try:
-            found = json.loads(path.read_text(encoding="utf-8"))
+            found = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_json_constant)
             radius = int(found["recommended_radius"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             print(f"note: {path} is unreadable; using radius 2 (rerun: python search.py --bits {args.bits})",
                   file=sys.stderr)
             return 2, "default"

@@ -30,7 +30,8 @@ import numpy as np
 import database
 import mAP
 from net import pick_device
-from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main, write_json, write_text
+from stage import (UserError, atomic_write, common_args_parser, elapsed, memory_mb, non_negative_float, non_negative_int,
+                   positive_int, print_args, run_main, threads_int, write_json, write_text)
 
 COLUMNS = ("radius", "candidates", "precision@10", "mAP", "ms/query")
 
@@ -38,21 +39,21 @@ COLUMNS = ("radius", "candidates", "precision@10", "mAP", "ms/query")
 def get_args_parser():
     parser = argparse.ArgumentParser("search.py", description=__doc__.split("\n")[0], parents=[common_args_parser(data_root=False)],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, required=True, help="code length; must match the database")
+    parser.add_argument("--bits", type=positive_int, required=True, help="code length; must match the database")
     parser.add_argument("--database", default="database", help="folder written by database.py (default: %(default)s)")
     parser.add_argument("--result", default="result", help="folder for the table, figure and JSON (default: %(default)s)")
-    parser.add_argument("--max-radius", type=int, default=None, help="largest radius studied (default: bits/2)")
-    parser.add_argument("--queries", type=int, default=1000,
+    parser.add_argument("--max-radius", type=non_negative_int, default=None, help="largest radius studied (default: bits/2)")
+    parser.add_argument("--queries", type=non_negative_int, default=1000,
                         help="labelled queries in the study, a seeded sample; 0 for all (default: %(default)s)")
-    parser.add_argument("--time-queries", type=int, default=20,
+    parser.add_argument("--time-queries", type=non_negative_int, default=20,
                         help="queries the retrieval time is measured on (default: %(default)s)")
-    parser.add_argument("--topk", type=int, default=10,
+    parser.add_argument("--topk", type=positive_int, default=10,
                         help="results a query needs: the recommended radius holds this many on average (default: %(default)s)")
-    parser.add_argument("--tolerance", type=float, default=0.005,
+    parser.add_argument("--tolerance", type=non_negative_float, default=0.005,
                         help="precision@10 below the best that still counts as the best (default: %(default)s)")
     parser.add_argument("--ties", default="shuffle", choices=mAP.TIES, help="order of equal distances (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: %(default)s)")
-    parser.add_argument("--memory-mb", type=int, default=256,
+    parser.add_argument("--threads", type=threads_int, default=os.cpu_count() or 1, help="CPU threads (default: %(default)s)")
+    parser.add_argument("--memory-mb", type=memory_mb, default=256,
                         help="working memory for chunks of queries (default: %(default)s)")
     return parser
 
@@ -117,7 +118,7 @@ def main():
     timed = min(args.time_queries, len(take))
     rows = []
     for j, radius in enumerate(radii):
-        seconds = float("nan")
+        seconds = float("nan")  # not timed (--time-queries 0): nan in the table, null in the JSON
         if timed:
             tic = time.perf_counter()
             ranking.coarse_to_fine(codes[:timed], features[:timed], radius, 10, grow=False)
