@@ -73,6 +73,10 @@ def read_list(list_path, need_label, strict_paths=False):
     entries = []
     # lines end at \n, \r\n or \r only: a name holding another line separator is refused below, not split
     for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        bad = control_character(line.replace("\t", ""))  # spaces and tabs separate fields; nothing else may
+        if bad is not None:
+            raise UserError(f"{list_path}:{number}: holds the control character {bad!r}, which would break the "
+                            f"one-line-per-item files; rename the file: {line.strip()[:80]!r}")
         fields = line.split()
         if not fields:
             continue
@@ -80,10 +84,6 @@ def read_list(list_path, need_label, strict_paths=False):
             expected = "<path> <label>" if need_label else "<path> [label]"
             raise UserError(f"{list_path}:{number}: expected '{expected}' separated by whitespace, "
                             f"got {len(fields)} field(s): {line.strip()[:80]!r}")
-        bad = control_character("".join(fields))  # tabs and other whitespace only separate fields
-        if bad is not None:
-            raise UserError(f"{list_path}:{number}: holds the control character {bad!r}, which would break the "
-                            f"one-line-per-item files; rename the file: {line.strip()[:80]!r}")
         entries.append(Entry(fields[0], fields[1] if len(fields) == 2 else None, number))
     if not entries:
         raise UserError(f"list file {list_path} has no entries; each line is '<path> <label>'")

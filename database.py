@@ -79,7 +79,8 @@ def encode(model, checkpoint, source, device, batch_size):
             sigmoid, _, fc7 = model(x)
         rows = positions.numpy()
         codes[rows] = np.packbits((sigmoid.float() > 0.5).cpu().numpy(), axis=1)  # [B, bits] bool -> [B, bytes]
-        features[rows] = fc7.float().cpu().numpy().astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, refused by refuse_non_finite
+            features[rows] = fc7.float().cpu().numpy().astype(np.float16)
         encoded[rows] = True
         bar.update(len(rows))
     bar.close()

@@ -256,8 +256,8 @@ def test_meta_json_with_wrong_types_is_refused(fake, field, value):
 
 
 @pytest.mark.parametrize("text", ['{"bits": NaN}', '{"bits": 16, "labels": [], "x": Infinity}',
-                                  '{"bits": 16, "y": -Infinity}', "[" * 100000 + "]" * 100000, "[1, 2]",
-                                  "\xff\xfe not utf-8"])
+                                  '{"bits": 16, "y": -Infinity}', "[1, 2]", "\xff\xfe not utf-8",
+                                  pytest.param("[" * 100000 + "]" * 100000, id="nested-100000-deep")])
 def test_meta_json_that_is_not_strict_json_or_not_an_object_is_refused(fake, text):
     path = fake / "database/meta.json"
     path.write_bytes(text.encode("latin-1"))
@@ -336,3 +336,184 @@ def test_search_without_timing_writes_valid_json(fake):
 def test_write_json_turns_non_finite_numbers_into_null(tmp_path):
     stage.write_json(tmp_path / "x.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
     assert strict_json(tmp_path / "x.json") == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. prepare_data.py folder takes an untrusted folder
+
+
+@pytest.fixture
+def hostile_folder(tmp_path):
+    """PATH/<class>/ with 3 good images per class and, among them, every kind of file that must not be copied."""
+    source = tmp_path / "source"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        (source / name).mkdir(parents=True)
+        for i in range(3):
+            class_image(label, rng).save(source / name / f"{i}.png")
+    cat = source / "cat"
+    os.mkfifo(cat / "fifo.png")  # reading it would block forever
+    (cat / "zero.png").symlink_to("/dev/zero")  # outside, and a device: reading never ends
+    (cat / "secret.png").symlink_to(tmp_path / "secret.txt")  # a link out of the folder to a private file
+    (tmp_path / "secret.txt").write_text("not for data/\n")
+    (cat / "loop_a.png").symlink_to(cat / "loop_b.png")
+    (cat / "loop_b.png").symlink_to(cat / "loop_a.png")
+    (cat / "up").symlink_to(source)  # a folder loop
+    (cat / "text.png").write_text("a text file, not an image\n")
+    (cat / "inside.png").symlink_to(source / "dog" / "0.png")  # a link that stays inside: followed
+    outside_image = tmp_path / "outside.png"
+    class_image(1, rng).save(outside_image)
+    (source / "dog" / "away.png").symlink_to(outside_image)
+    return source
+
+
+def test_an_untrusted_folder_yields_only_its_regular_image_files(tmp_path, hostile_folder):
+    result = succeeds(run(REPO / "prepare_data.py", "folder", hostile_folder, "--data-root", tmp_path / "data",
+                          "--workers", 1, cwd=tmp_path, check=False, env=QUIET))
+    note = next(line for line in result.stdout.splitlines() if line.startswith("note: skipped"))
+    assert "7 file(s)" in note and "1 not regular files" in note and "2 broken or looping symlinks" in note
+    assert "1 files whose header is not an image" in note and "3 symlinks leading outside" in note
+    listed = [line.split()[0] for name in ("trainlist.txt", "testlist.txt")
+              for line in (tmp_path / "data/image" / name).read_text().splitlines()]
+    stems = sorted(Path(name).name for name in listed)
+    assert stems == ["0.png", "0.png", "1.png", "1.png", "2.png", "2.png", "inside.png"], stems
+    copied = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert not any(b"not for data" in p.read_bytes() for p in copied)
+    recorded = strict_json(tmp_path / "data/prepare_data.json")["skipped"]
+    assert sum(recorded.values()) == 7
+
+    followed = succeeds(run(REPO / "prepare_data.py", "folder", hostile_folder, "--data-root", tmp_path / "data2",
+                            "--workers", 1, "--follow-symlinks", cwd=tmp_path, check=False, env=QUIET))
+    assert "2 files whose header is not an image" in followed.stdout  # the secret text file: followed, not an image
+    listed = (tmp_path / "data2/image/trainlist.txt").read_text() + (tmp_path / "data2/image/testlist.txt").read_text()
+    assert "away.png" in listed and "zero.png" not in listed and "secret.png" not in listed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6 and 8. List entries outside the data root; control characters in paths
+
+
+def test_list_entries_outside_the_folder_are_warned_once_and_read(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", classes=2, train_per_class=3, test_per_class=1, query_per_class=1)
+    trainlist = data / "image/trainlist.txt"
+    lines = trainlist.read_text().splitlines()
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(data / "image" / lines[0].split()[0], outside)
+    trainlist.write_text("\n".join(lines + [f"{outside} 0", "../query/list.txt 1"]) + "\n")
+    entries = MyDataset.read_list(trainlist, need_label=True)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and "2 path(s) outside" in warnings[0] and str(outside) in warnings[0]
+    assert len(entries) == len(lines) + 2
+    assert MyDataset.image_header(trainlist.parent / entries[-2].path) == (32, 32)  # absolute: read where it is
+    with pytest.raises(UserError, match="outside.*2 such entries.*--strict-paths"):
+        MyDataset.read_list(trainlist, need_label=True, strict_paths=True)
+
+
+def test_strict_paths_refuses_outside_entries_before_training(tmp_path):
+    data = make_dataset(tmp_path / "data", classes=2, train_per_class=3, test_per_class=1, query_per_class=1)
+    with open(data / "image/testlist.txt", "a") as f:
+        f.write("../../x.png 0\n")
+    fails(script_run("mytrain.py", *TRAIN, "--strict-paths", cwd=tmp_path), "testlist.txt:3", "../../x.png")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("character", ["\x1b", "\x07", "\x7f", "\u2028", "\x85"])
+def test_control_characters_in_list_paths_are_refused(tmp_path, character):
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"a.png 0\nb{character}c.png 1\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"list.txt:2: holds the control character"):
+        MyDataset.read_list(listed, need_label=True)
+
+
+def test_query_image_refuses_names_with_a_newline_and_special_files(fake):
+    weird = fake / "two\nlines.png"
+    class_image(0, np.random.default_rng(0)).save(weird)
+    fails(script_run("query.py", "--bits", 16, "--device", "cpu", "--image", weird, cwd=fake), "control character")
+    os.mkfifo(fake / "fifo.png")
+    for special in (fake / "fifo.png", "/dev/zero"):
+        fails(script_run("query.py", "--bits", 16, "--device", "cpu", "--image", special, cwd=fake),
+              "not a regular file")
+    assert not (fake / "result").exists()
+
+
+def test_image_files_names_fifos_and_devices_as_not_regular(tmp_path):
+    os.mkfifo(tmp_path / "x.png")
+    for special in (tmp_path / "x.png", "/dev/zero", "/dev/null"):
+        with pytest.raises(UserError, match="not a regular file"):
+            MyDataset.image_files([special])
+    with pytest.raises(UserError, match="no such file or folder"):
+        MyDataset.image_files([tmp_path / "absent.png"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Readers during a database swap
+
+
+WRITER = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import database
+    folder, stop = Path(sys.argv[2]), Path(sys.argv[3])
+    generation = 0
+    while not stop.exists():
+        generation += 1
+        g, rows = generation % 2000 + 1, 2000 + generation % 7  # every generation differs in content and length
+        parts = {part: (np.full((rows, 2), g % 256, np.uint8), np.full(rows, g % 3, np.int64),
+                        np.full((rows, 64), g, np.float16), [f"g{g}/{i}" for i in range(rows)])
+                 for part in ("db", "query")}
+        database.write_database(folder, parts, {"format": 1, "bits": 16, "g": g, "labels": ["a", "b", "c"],
+                                                "num_database": rows, "num_queries": rows, "feature_dim": 64})
+    print(generation)
+''')
+
+
+def whole_generation(db, query, meta):
+    g = meta["g"]
+    return all((split.codes == g % 256).all() and (split.labels == g % 3).all() and (split.features == g).all()
+               and all(name.startswith(f"g{g}/") for name in split.names) for split in (db, query))
+
+
+def test_readers_during_swaps_read_one_whole_generation_or_stop(tmp_path):
+    folder, stop = tmp_path / "database", tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(folder), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    outcomes = {"whole": 0, "changed": 0, "mixed": 0, "other": []}
+    try:
+        while not (folder / "meta.json").exists():
+            assert writer.poll() is None, "the writer died"
+        for _ in range(200):
+            try:
+                db, query, meta = database.load_database(folder, 16, features=True)
+            except UserError as err:
+                if str(err) == database.CHANGED:
+                    outcomes["changed"] += 1
+                else:
+                    outcomes["other"].append(str(err))
+                continue
+            outcomes["whole" if whole_generation(db, query, meta) else "mixed"] += 1
+    finally:
+        stop.touch()
+        swaps = int(writer.communicate(timeout=120)[0])
+    print(f"200 reads during {swaps} swaps: {outcomes['whole']} whole, {outcomes['changed']} stopped as changed")
+    assert outcomes["mixed"] == 0 and outcomes["other"] == [], outcomes
+    assert outcomes["whole"] > 0 and swaps > 10
+    db, query, meta = database.load_database(folder, 16, features=True)  # at rest: whole, and nothing left over
+    assert whole_generation(db, query, meta)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".database.")] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. File modes: what the stages create follows the user's umask
+
+
+def test_models_databases_and_results_follow_the_umask(built, fake):
+    file_mode, folder_mode = 0o666 & ~UMASK, 0o777 & ~UMASK
+    succeeds(script_run("mAP.py", "--bits", 16, "--device", "cpu", cwd=fake))
+    created = [*(built / "model").iterdir(), *(built / "database").iterdir(), *(fake / "result").iterdir()]
+    assert len(created) > 10
+    for path in created:
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, (path, oct(path.stat().st_mode))
+    for folder in (built / "database", built / "model", fake / "result"):
+        assert stat.S_IMODE(folder.stat().st_mode) == folder_mode, (folder, oct(folder.stat().st_mode))
