@@ -9,7 +9,8 @@ swapped in at the end, so a failed or killed run leaves the previous database in
     db_label.npy, query_label.npy       int64 [N]                 label index, -1 where unknown
     db_feature.npy, query_feature.npy   float16 [N, 4096]         fc7
     db_names.txt, query_names.txt       the image paths as in the list files, one a line, same order
-    meta.json                           bits, model path and sha256, labels by index, img_size, counts, time
+    meta.json                           bits, model path and sha256, labels by index, img_size, counts, feature_dim,
+                                        time, generation (a random id of this write)
 
 This module owns that format: its writer (here) and its reader (load_database), which every later stage uses.
 """
