@@ -1,7 +1,9 @@
 """How every stage runs: the error contract, the flags every script shares, atomic files and timing.
 
-A user's mistake is one line on stderr and exit status 2; tracebacks are for bugs (and --debug). Files are written
-to a temporary name in the same folder and renamed, so a reader sees the old file or the new one, never half.
+A user's mistake is one line on stderr and exit status 2; tracebacks are for bugs (and --debug). Numeric flags are
+range-checked by argparse types (positive_int, fraction, ...) before any work. Files are written to a temporary name
+in the same folder and renamed, so a reader sees the old file or the new one, never half; a failed write is a
+UserError naming the file; what is created gets the user's umask; every JSON written is strict JSON.
 
 This module imports no torch, so stages that run no network (prepare_data.py, --help) start in a fraction of a
 second. Importing it does nothing.
@@ -101,7 +103,7 @@ def float_in(low=None, high=None, above=None):
     elif low is not None and high is not None:
         span = f"from {low} to {high}"
     else:
-        span = f"at least {low}" if low is not None else "finite"
+        span = f"at least {low}" if low is not None else ""
 
     def parse(text):
         try:
@@ -110,10 +112,10 @@ def float_in(low=None, high=None, above=None):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
                 or (above is not None and value <= above)):
-            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}".rstrip() + f", got {text}")
         return value
 
-    parse.__name__ = f"number {span}"
+    parse.__name__ = f"finite number {span}".rstrip()
     return parse
 
 
