@@ -4,6 +4,8 @@ Layout (as in the original repo):
     data/image/trainlist.txt, testlist.txt   <path relative to data/image> <label>
     data/image/list.txt                      <path> [label]      the database to encode
     data/query/list.txt                      <path> [label]      the queries
+A label may also be several, `<path> <label>,<label>,...`, or one-hot columns as in HashNet's and DeepHash-pytorch's
+lists, `<path> 0 1 0 ... 1` (two columns or more; label i where column i is 1); read_list says which form a file uses.
 
 Images are decoded once into a uint8 cache ([N, H, W, 3], on disk beside the data under .cache/, keyed by the list
 file's entries and the images' sizes and mtimes) and then cropped, flipped, resized and normalised as whole batches
@@ -42,8 +44,79 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a
 @dataclass
 class Entry:
     path: str  # as written in the list file, relative to its folder
-    label: str | None  # None where the line has no label
+    label: str | None  # the line's label; None where it has none; "a,b" where it has several
     line: int  # 1-based line number, for error messages
+    labels: tuple = ()  # every label of the line (one-hot: the indices of its 1 columns); () where none
+
+    def __post_init__(self):
+        if not self.labels and self.label is not None:
+            self.labels = (self.label,)
+
+
+class ListFile(list):
+    """The entries of a list file, with the form it was written in.
+
+    form: "labels" (`<path> <label>[,<label>...]`), "onehot" (`<path> 0 1 0 ... 1`) or "paths" (no line has a
+    label); columns: the number of one-hot columns (None otherwise); multi: some line has two labels or more.
+    """
+
+    def __init__(self, entries, form, columns):
+        super().__init__(entries)
+        self.form, self.columns = form, columns
+        self.multi = any(len(entry.labels) > 1 for entry in entries)
+
+
+LIST_FORMS = "'<path> <label>', '<path> <label>,<label>,...' or one-hot '<path> 0 1 0 ... 1' (two columns or more)"
+
+
+def parse_labels(fields, list_path, number, line):
+    """(form, labels) of one line's label fields; one-hot needs two columns or more, so `<path> 1` is label "1"."""
+    if len(fields) == 1:
+        tokens = fields[0].split(",")
+        if not all(tokens):
+            raise UserError(f"{list_path}:{number}: empty label in {fields[0]!r}; write '<path> <label>,<label>'")
+        return "labels", tuple(dict.fromkeys(tokens))
+    if any(value not in ("0", "1") for value in fields):
+        raise UserError(f"{list_path}:{number}: expected {LIST_FORMS} separated by whitespace; one-hot columns are "
+                        f"0 or 1, got {len(fields) + 1} field(s): {line.strip()[:80]!r}")
+    return "onehot", tuple(str(column) for column, value in enumerate(fields) if value == "1")
+
+
+def parse_lines(text, list_path, need_label):
+    """(entries, form, one-hot column count) of a list file's text; a file uses one form throughout."""
+    entries, form, columns, first = [], None, None, None
+    # lines end at \n, \r\n or \r only: a name holding another line separator is refused below, not split
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        bad = control_character(line.replace("\t", ""))  # spaces and tabs separate fields; nothing else may
+        if bad is not None:
+            raise UserError(f"{list_path}:{number}: holds the control character {bad!r}, which would break the "
+                            f"one-line-per-item files; rename the file: {line.strip()[:80]!r}")
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) == 1:
+            if need_label:
+                raise UserError(f"{list_path}:{number}: expected {LIST_FORMS} separated by whitespace, "
+                                f"got 1 field: {line.strip()[:80]!r}")
+            entries.append(Entry(fields[0], None, number))
+            continue
+        line_form, labels = parse_labels(fields[1:], list_path, number, line)
+        if form is not None and line_form != form:
+            names = {"labels": "'<path> <label>'", "onehot": "one-hot"}
+            raise UserError(f"{list_path}:{number}: a {names[line_form]} line in a file of {names[form]} lines "
+                            f"(from line {first}); a list file uses one form throughout")
+        if line_form == "onehot" and columns is not None and len(fields) - 1 != columns:
+            raise UserError(f"{list_path}:{number}: {len(fields) - 1} one-hot columns where line {first} has "
+                            f"{columns}; every row needs one column per class")
+        if form is None:
+            form, first = line_form, number
+            columns = len(fields) - 1 if line_form == "onehot" else None
+        if not labels and need_label:
+            raise UserError(f"{list_path}:{number}: every one-hot column is 0, so the image has no label; "
+                            "give it one or leave it out")
+        label = ",".join(labels) if labels else None
+        entries.append(Entry(fields[0], label, number, labels))
+    return entries, form or "paths", columns
 
 
 def control_character(text):
@@ -58,10 +131,14 @@ def outside(path):
 
 
 def read_list(list_path, need_label, strict_paths=False):
-    """Parse `<path> <label>` lines (label optional unless need_label). Blank lines, CRLF, a BOM are fine.
+    """Parse a list file (label optional unless need_label). Blank lines, CRLF, a BOM are fine.
+
+    Lines are `<path> <label>`, `<path> <label>,<label>,...` or one-hot `<path> 0 1 0 ... 1` (HashNet's and
+    DeepHash-pytorch's lists: one 0/1 column per class, label i where column i is 1). A file uses one form.
+    One-hot needs two columns or more: `<path> 1` is the single label "1". Returns a ListFile.
 
     Entries outside the list's folder are read (people keep images on other disks) with a one-line warning,
-    or refused with strict_paths. A control character in an entry is refused.
+    or refused with strict_paths. A control character in a line is refused.
     """
     list_path = Path(list_path)
     if not list_path.is_file():
@@ -70,21 +147,7 @@ def read_list(list_path, need_label, strict_paths=False):
         text = list_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(f"{list_path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
-    entries = []
-    # lines end at \n, \r\n or \r only: a name holding another line separator is refused below, not split
-    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
-        bad = control_character(line.replace("\t", ""))  # spaces and tabs separate fields; nothing else may
-        if bad is not None:
-            raise UserError(f"{list_path}:{number}: holds the control character {bad!r}, which would break the "
-                            f"one-line-per-item files; rename the file: {line.strip()[:80]!r}")
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) > 2 or (need_label and len(fields) < 2):
-            expected = "<path> <label>" if need_label else "<path> [label]"
-            raise UserError(f"{list_path}:{number}: expected '{expected}' separated by whitespace, "
-                            f"got {len(fields)} field(s): {line.strip()[:80]!r}")
-        entries.append(Entry(fields[0], fields[1] if len(fields) == 2 else None, number))
+    entries, form, columns = parse_lines(text, list_path, need_label)
     if not entries:
         raise UserError(f"list file {list_path} has no entries; each line is '<path> <label>'")
     seen, duplicates = set(), 0
@@ -95,7 +158,12 @@ def read_list(list_path, need_label, strict_paths=False):
     if duplicates:  # printed, not warnings.warn: PYTHONWARNINGS=ignore must not hide it, and it stays one line
         print(f"warning: {list_path}: {duplicates} duplicate path(s); each is used as often as it is listed",
               file=sys.stderr, flush=True)
-    return entries
+    return ListFile(entries, form, columns)
+
+
+def is_multi_label(*entry_lists):
+    """True when some entry of these lists has two labels or more: training and relevance are then multi-label."""
+    return any(len(entry.labels) > 1 for entries in entry_lists for entry in entries)
 
 
 def check_outside(list_path, entries, strict_paths):
@@ -117,7 +185,7 @@ def sort_labels(labels):
 
 
 def training_classes(train_entries):
-    return sort_labels(entry.label for entry in train_entries)
+    return sort_labels(label for entry in train_entries for label in entry.labels)
 
 
 def class_indices(entries, classes, list_path):
@@ -142,6 +210,34 @@ def retrieval_labels(entries, classes, known):
     every = list(classes) + extra
     index = {label: i for i, label in enumerate(every)}
     return np.array([index[label] if label is not None else -1 for label in labels], dtype=np.int64), every
+
+
+def multi_hot(entries, classes, list_path):
+    """Multi-hot labels bool [N, C] against the training classes; an unseen label is an error (testlist)."""
+    index = {label: i for i, label in enumerate(classes)}
+    hot = np.zeros((len(entries), len(classes)), dtype=bool)
+    for row, entry in enumerate(entries):
+        for label in entry.labels:
+            if label not in index:
+                raise UserError(f"{list_path}:{entry.line}: label {label!r} never occurs in the training list; "
+                                "every testlist label must be a training class")
+            hot[row, index[label]] = True
+    return hot
+
+
+def retrieval_multi_hot(entries, classes, known):
+    """retrieval_labels for multi-label data: (bool [N, C'], the extended label list); a row of zeros is unknown.
+
+    known maps path -> labels (a tuple) from trainlist/testlist for lines without a label.
+    """
+    labels = [entry.labels or known.get(entry.path, ()) for entry in entries]
+    trained = set(classes)
+    every = list(classes) + sort_labels({label for row in labels for label in row if label not in trained})
+    index = {label: i for i, label in enumerate(every)}
+    hot = np.zeros((len(entries), len(every)), dtype=bool)
+    for row, row_labels in enumerate(labels):
+        hot[row, [index[label] for label in row_labels]] = True
+    return hot, every
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,13 +352,15 @@ class MyDataset:  # a map-style dataset for torch's DataLoader
         """(image uint8 [H, W, 3], label, ok); ok is False (and the image zeros) where decoding failed."""
         import torch
         height, width = self.size
+        # an int, or for multi-label data a [C] row that the loader stacks into [B, C]
+        label = int(self.labels[i]) if np.ndim(self.labels[i]) == 0 else torch.from_numpy(np.array(self.labels[i]))
         try:
             image = read_image(self.folder / self.entries[i].path)
         except BadImage as err:
-            return torch.zeros(height, width, 3, dtype=torch.uint8), int(self.labels[i]), str(err)
+            return torch.zeros(height, width, 3, dtype=torch.uint8), label, str(err)
         if image.size != (width, height):
             image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()), int(self.labels[i]), ""
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()), label, ""
 
 
 def loader(dataset, batch_size, workers, shuffle=False, generator=None, pin_memory=False):
@@ -378,16 +476,18 @@ def eval_transform(images, img_size, mean, std):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def train_transform(images, img_size, mean, std, generator, min_area=0.6):
+def train_transform(images, img_size, mean, std, generator, min_area=0.6, rows=None):
     """Random crop (area min_area..1 of the image, aspect 3/4..4/3), random horizontal flip, resize to img_size.
 
     One affine grid for the whole batch: crop, flip and resize are a single grid_sample on the device.
     generator is a torch.Generator on the CPU, so the crops are the same on any device for a given seed.
+    rows=(start, stop, batch): images are rows start:stop of a batch of that many (a rank's share under torchrun);
+    the draws are made for the whole batch, so each image gets the crop a single process would give it.
     """
     import torch
     import torch.nn.functional as F
     x = normalise(images, mean, std)
-    batch = x.shape[0]
+    start, stop, batch = rows if rows is not None else (0, x.shape[0], x.shape[0])
     area = torch.empty(batch).uniform_(min_area, 1.0, generator=generator)
     log_ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
     ratio = log_ratio.exp()
@@ -399,13 +499,18 @@ def train_transform(images, img_size, mean, std, generator, min_area=0.6):
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = scale_x * flip, shift_x
     theta[:, 1, 1], theta[:, 1, 2] = scale_y, shift_y
-    grid = F.affine_grid(theta.to(x.device), [batch, 3, img_size, img_size], align_corners=False)
+    grid = F.affine_grid(theta[start:stop].to(x.device), [stop - start, 3, img_size, img_size], align_corners=False)
     out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
     return out.contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batches on the device, from the cache or streamed
+
+
+def batch_share(count, rank, world_size):
+    """(start, stop): rank's contiguous piece of a batch of count images split over world_size ranks."""
+    return count * rank // world_size, count * (rank + 1) // world_size
 
 
 def total_memory_bytes():
@@ -458,20 +563,28 @@ class ImageSource:
     def __len__(self):
         return len(self.keep)
 
-    def batches(self, batch_size, generator=None):
+    def batches(self, batch_size, generator=None, rank=0, world_size=1, whole=False):
         """Yield (images uint8 [B, H, W, 3], labels int64 [B], positions [B]) on the device.
 
         positions index self.keep. generator (a CPU torch.Generator) shuffles; None keeps list order.
+        Under torchrun each rank gets its share (batch_share): whole=False splits every batch of batch_size into
+        world_size contiguous pieces (training: --batch-size is the global batch); whole=True deals out whole
+        batches (encoding: each batch is composed as in a single process, so its float results are the same).
         """
         import torch
         order = (torch.randperm(len(self.keep), generator=generator) if generator is not None
                  else torch.arange(len(self.keep)))
+        plan = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        if whole:
+            plan = plan[rank::world_size]
+        else:
+            plan = [positions[slice(*batch_share(len(positions), rank, world_size))] for positions in plan]
+        plan = [positions for positions in plan if len(positions)]
         labels = torch.from_numpy(self.labels[self.keep])
         if self.images is not None:
             keep = torch.from_numpy(self.keep)
             on_device = isinstance(self.images, torch.Tensor) and self.images.device == self.device
-            for start in range(0, len(order), batch_size):
-                positions = order[start:start + batch_size]
+            for positions in plan:
                 rows = keep[positions]
                 if on_device:
                     images = self.images[rows.to(self.device)]
@@ -486,8 +599,7 @@ class ImageSource:
                        positions)
             return
         dataset = MyDataset(self.folder, [self.entries[i] for i in self.keep], self.labels[self.keep], self.size)
-        sampler_order = order.tolist()
-        batch_sampler = [sampler_order[s:s + batch_size] for s in range(0, len(sampler_order), batch_size)]
+        batch_sampler = [positions.tolist() for positions in plan]
         stream = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda")
         late_bad = {}  # entry index -> message, for images whose data broke only when decoded here

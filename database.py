@@ -2,15 +2,24 @@
 
     python database.py --bits 48                      # the newest 48-bit model in model/
     python database.py --bits 48 --model model/48bits_91.37.pt --out database
+    torchrun --nproc-per-node 8 database.py --bits 48   # whole batches dealt to 8 GPUs; rank 0 writes
 
 Writes under --out (default database/), all at once: the files go to a temporary folder beside it that is
 swapped in at the end, so a failed or killed run leaves the previous database intact.
     db_binary.npy, query_binary.npy     uint8 [N, ceil(bits/8)]   sigmoid > 0.5, np.packbits(axis=1), padding 0
-    db_label.npy, query_label.npy       int64 [N]                 label index, -1 where unknown
+    db_label.npy, query_label.npy       int64 [N]                 label index, -1 where unknown (single-label data)
+    db_label_multihot.npy, query_label_multihot.npy
+                                        bool [N, C]               multi-label data instead: True where the item
+                                                                  has label c (meta.json "labels"); a row of False
+                                                                  is unknown
     db_feature.npy, query_feature.npy   float16 [N, 4096]         fc7
     db_names.txt, query_names.txt       the image paths as in the list files, one a line, same order
-    meta.json                           bits, model path and sha256, labels by index, img_size, counts, feature_dim,
-                                        time, generation (a random id of this write)
+    meta.json                           bits, model path and sha256, labels by index, label_kind ("single" or
+                                        "multi"), protocol (from <data-root>/prepare_data.json), img_size, counts,
+                                        feature_dim, time, generation (a random id of this write)
+
+The database is multi-label when a line of list.txt or query/list.txt (or the trainlist/testlist line an unlabelled
+one falls back to) has two labels or more; relevance is then "shares at least one label" (mAP.py).
 
 This module owns that format: its writer (here) and its reader (load_database), which every later stage uses.
 """
@@ -30,7 +39,8 @@ import numpy as np
 import torch
 
 import MyDataset
-from net import autocast, load_model, newest_model, pick_device
+from net import (autocast, build_model, distributed_args_parser, distributed_run, from_main, gather_to_main, load_model,
+                 local_main_first, newest_model, setup_ranks)
 from stage import (UserError, common_args_parser, elapsed, give_user_mode, non_negative_int, positive_int, print_args,
                    refuse_json_constant, run_main, sha256_file, to_json, write_error, write_text)
 
@@ -40,7 +50,8 @@ FILES = ("binary.npy", "label.npy", "feature.npy", "names.txt")
 
 def get_args_parser():
     parser = argparse.ArgumentParser("database.py", description=__doc__.split("\n")[0],
-                                     parents=[common_args_parser()], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     parents=[common_args_parser(), distributed_args_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=positive_int, required=True, help="code length of the model to use")
     parser.add_argument("--model", default=None, help="checkpoint to encode with (default: newest <bits>bits_*.pt in --model-dir)")
     parser.add_argument("--model-dir", default="model", help="where mytrain.py saved models (default: %(default)s)")
@@ -60,12 +71,23 @@ def get_args_parser():
 # Encoding
 
 
-@torch.no_grad()
 def encode(model, checkpoint, source, device, batch_size):
     """Codes and fc7 for every image of an ImageSource: (packed uint8 [N, ceil(bits/8)], float16 [N, 4096]).
 
     N is len(source) (bad images left out), in list order. Streaming (--no-cache --skip-bad) can find an image
     broken only when decoded: its row is dropped here, as the source drops it from source.keep.
+    """
+    positions, codes, features = encode_share(model, checkpoint, source, device, batch_size)
+    return codes, features
+
+
+@torch.no_grad()
+def encode_share(model, checkpoint, source, device, batch_size, rank=0, world_size=1):
+    """(positions int64 [n], codes uint8 [n, ceil(bits/8)], fc7 float16 [n, 4096]) for this rank's whole batches.
+
+    positions index source.keep as it was before encoding, in increasing order. Under torchrun every rank encodes
+    whole batches of the single-process run (ImageSource.batches whole=True): on the CPU a float result depends on
+    how its batch is composed, so the gathered database is byte-identical to a single process's.
     """
     model = model.to(device).eval()
     if device.type == "cuda":
@@ -73,8 +95,9 @@ def encode(model, checkpoint, source, device, batch_size):
     codes = np.zeros((len(source), (checkpoint["bits"] + 7) // 8), dtype=np.uint8)
     features = np.zeros((len(source), 4096), dtype=np.float16)
     encoded = np.zeros(len(source), dtype=bool)
-    bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1)
-    for images, _, positions in source.batches(batch_size):
+    bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1,
+                         disable=rank != 0)
+    for images, _, positions in source.batches(batch_size, rank=rank, world_size=world_size, whole=True):
         x = MyDataset.eval_transform(images, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
         with autocast(device):
             sigmoid, _, fc7 = model(x)
@@ -83,9 +106,25 @@ def encode(model, checkpoint, source, device, batch_size):
         with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, refused by refuse_non_finite
             features[rows] = fc7.float().cpu().numpy().astype(np.float16)
         encoded[rows] = True
-        bar.update(len(rows))
+        bar.update(len(rows) * world_size)
     bar.close()
-    return codes[encoded], features[encoded]
+    return np.flatnonzero(encoded), codes[encoded], features[encoded]
+
+
+def encode_part(model, checkpoint, source, ranks, batch_size):
+    """Every rank encodes its batches of one list; rank 0 gets (codes, labels, features, names, bad), others None."""
+    keep = source.keep.copy()  # positions index it; streaming may drop late-broken images from source.keep
+    share = encode_share(model, checkpoint, source, ranks.device, batch_size, ranks.rank, ranks.world_size)
+    shares = gather_to_main(ranks, (*share, source.bad))
+    if not ranks.is_main:
+        return None
+    positions = np.concatenate([positions for positions, _, _, _ in shares])
+    order = np.argsort(positions, kind="stable")  # list order, as a single process writes it
+    codes = np.concatenate([codes for _, codes, _, _ in shares])[order]
+    features = np.concatenate([features for _, _, features, _ in shares])[order]
+    entries = keep[positions[order]]
+    bad = sorted({index: message for *_, rank_bad in shares for index, message in rank_bad}.items())
+    return codes, source.labels[entries], features, [source.entries[i].path for i in entries], bad
 
 
 def refuse_non_finite(features, model_path, bits):
@@ -113,14 +152,40 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
 
 
 def known_labels(image_folder, strict_paths=False):
-    """path -> label from trainlist.txt and testlist.txt, for list.txt lines that carry no label."""
+    """path -> Entry from trainlist.txt and testlist.txt, for list.txt lines that carry no label."""
     known = {}
     for name in ("trainlist.txt", "testlist.txt"):
         path = Path(image_folder) / name
         if path.is_file():
-            known.update({entry.path: entry.label
-                          for entry in MyDataset.read_list(path, need_label=True, strict_paths=strict_paths)})
+            known.update({entry.path: entry for entry in MyDataset.read_list(path, need_label=True, strict_paths=strict_paths)})
     return known
+
+
+def retrieval_labels(db_entries, query_entries, classes, known):
+    """(db labels, query labels, label names by index, label_kind) for the two lists.
+
+    Single-label: int64 [N], -1 unknown. Multi-label (some line, or the known line it falls back to, has two labels
+    or more): bool [N, C]. Queries take labels only from their own list; unseen ones extend the database's index.
+    """
+    fallback = [known[entry.path] for entry in db_entries if entry.label is None and entry.path in known]
+    if not MyDataset.is_multi_label(db_entries, query_entries, fallback):
+        db_labels, every = MyDataset.retrieval_labels(db_entries, classes, {p: e.label for p, e in known.items()})
+        query_labels, every = MyDataset.retrieval_labels(query_entries, every, {})
+        return db_labels, query_labels, every, "single"
+    db_labels, every = MyDataset.retrieval_multi_hot(db_entries, classes, {p: e.labels for p, e in known.items()})
+    query_labels, every = MyDataset.retrieval_multi_hot(query_entries, every, {})
+    # the database's label columns grow to take labels only the queries have
+    db_labels = np.pad(db_labels, ((0, 0), (0, len(every) - db_labels.shape[1])))
+    return db_labels, query_labels, every, "multi"
+
+
+def data_protocol(data_root):
+    """The benchmark protocol prepare_data.py recorded for this data (queries, k of mAP@k, relevance), else None."""
+    path = Path(data_root) / "prepare_data.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("protocol")
+    except (OSError, ValueError, AttributeError):
+        return None  # no record, or not one prepare_data.py wrote: the data follows no named protocol
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +194,8 @@ def known_labels(image_folder, strict_paths=False):
 
 def write_database(out, parts, meta):
     """parts: {'db': (codes, labels, features, names), 'query': ...}; written to a temporary folder, then swapped in.
+
+    features None: no feature file (bench/search.py's databases, ranked without --rerank).
 
     The old database, if any, is moved aside and removed only after the new one is in place. Each database is a
     folder written once and never changed, a generation: readers pin one (load_database) and never see a mix.
@@ -160,9 +227,14 @@ def write_database(out, parts, meta):
 
 def write_files(tmp, out, parts, meta):
     """The files of one database into the folder tmp; a failed write is named as the file under out it was for."""
-    writes = [(f"{part}_{kind}", data) for part, (codes, labels, features, names) in parts.items()
-              for kind, data in (("binary.npy", codes), ("label.npy", labels.astype(np.int64)),
-                                 ("feature.npy", features), ("names.txt", "".join(n + "\n" for n in names)))]
+    writes = []
+    for part, (codes, labels, features, names) in parts.items():
+        writes += [(f"{part}_binary.npy", codes),
+                   (f"{part}_label_multihot.npy", labels.astype(bool)) if labels.ndim == 2
+                   else (f"{part}_label.npy", labels.astype(np.int64))]
+        if features is not None:  # None: no feature file (bench/search.py's databases, ranked without --rerank)
+            writes.append((f"{part}_feature.npy", features))
+        writes.append((f"{part}_names.txt", "".join(n + "\n" for n in names)))
     writes.append(("meta.json", to_json(meta, indent=1) + "\n"))
     for name, data in writes:
         try:
@@ -178,7 +250,7 @@ def write_files(tmp, out, parts, meta):
 class Split:
     """One side of the database: the encoded database items or the queries."""
     codes: np.ndarray  # uint8 [N, ceil(bits/8)]
-    labels: np.ndarray  # int64 [N], -1 unknown
+    labels: np.ndarray  # int64 [N], -1 unknown; multi-label: bool [N, C], a row of False unknown
     names: list
     features: np.ndarray | None  # float16 [N, D] (memory-mapped; D = 4096 for AlexNet), None unless asked for
 
@@ -301,6 +373,8 @@ def check_meta(meta, path, rebuild):
     labels = meta.get("labels")
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise refuse("labels must be a list of strings")
+    if meta.get("label_kind", "single") not in ("single", "multi"):
+        raise refuse(f"label_kind must be 'single' or 'multi', got {meta.get('label_kind')!r:.40}")
     for key in ("model", "model_abspath", "model_sha256"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise refuse(f"{key} must be a string")
@@ -337,11 +411,21 @@ def check_finite(generation, name, features):
             raise generation.corrupt(name, "holds NaN or infinite features")
 
 
+def load_labels(generation, part, label_kind):
+    """int64 [N] (-1 unknown) for a single-label database; bool [N, C] for a multi-label one (uint8 is read too)."""
+    if label_kind == "single":
+        return read_npy(generation, f"{part}_label.npy", np.int64, 1)
+    try:
+        return read_npy(generation, f"{part}_label_multihot.npy", np.bool_, 2)
+    except UserError:
+        return read_npy(generation, f"{part}_label_multihot.npy", np.uint8, 2).astype(bool)
+
+
 def load_split(generation, part, meta, features=False):
     """Read one part ('db' or 'query') and check that its files agree with each other and with meta."""
     bits, folder = generation.bits, generation.folder
     codes = read_npy(generation, f"{part}_binary.npy", np.uint8, 2)
-    labels = read_npy(generation, f"{part}_label.npy", np.int64, 1)
+    labels = load_labels(generation, part, meta.get("label_kind", "single"))
     names = read_names(generation, f"{part}_names.txt")
     feats = read_npy(generation, f"{part}_feature.npy", np.float16, 2, mmap=True) if features else None
     if codes.shape[1] != (bits + 7) // 8:
@@ -355,7 +439,10 @@ def load_split(generation, part, meta, features=False):
     if len(set(lengths.values())) != 1:
         raise UserError(f"{folder}: {part} files disagree in length ({lengths}); a write was interrupted or a file "
                         f"was replaced; rebuild with: {rebuild_command(folder, bits)}")
-    if len(labels) and (labels.min() < -1 or labels.max() >= len(meta["labels"])):
+    if labels.ndim == 2 and labels.shape[1] != len(meta["labels"]):
+        raise generation.corrupt(f"{part}_label_multihot.npy", f"{labels.shape[1]} label columns, meta.json has "
+                                 f"{len(meta['labels'])} labels")
+    if labels.ndim == 1 and len(labels) and (labels.min() < -1 or labels.max() >= len(meta["labels"])):
         raise generation.corrupt(f"{part}_label.npy", f"labels outside -1..{len(meta['labels']) - 1}")
     if feats is not None:
         width = meta.get("feature_dim", feats.shape[1])
@@ -390,6 +477,28 @@ def load_database(folder, bits, features=False):
         generation.close()
 
 
+def label_text(meta, label, class_names=None):
+    """A database or query label as text, None when unknown: its token in meta.json's labels, or the class name
+    that token stands for in class_names (token -> name, from class_names()).
+
+    label: an index into meta.json's labels (-1 unknown), or a multi-hot row (the tokens joined by ',').
+    """
+    tokens, class_names = meta.get("labels") or [], class_names or {}
+    label = np.asarray(label)
+    indices = np.flatnonzero(label) if label.ndim == 1 else [int(label)]
+    known = [str(tokens[i]) for i in indices if 0 <= i < len(tokens)]
+    return ",".join(class_names.get(token, token) for token in known) or None
+
+
+def class_names(data_root):
+    """token -> class name from prepare_data.py's record (data/prepare_data.json); {} where there is none."""
+    try:
+        classes = json.loads((Path(data_root) / "prepare_data.json").read_text(encoding="utf-8"))["classes"]
+        return {str(token): str(name) for token, name in classes.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def model_for_database(folder, meta, model=None):
     """The model that made this database, refused when its file changed since or another one is named.
 
@@ -415,48 +524,71 @@ def model_for_database(folder, meta, model=None):
 
 def main():
     args = get_args_parser().parse_args()
-    print_args(args)
-    started = time.perf_counter()
-    device = pick_device(args.device)
-    model_path = Path(args.model) if args.model else newest_model(args.model_dir, args.bits)
-    model, checkpoint = load_model(model_path, args.bits)
+    ranks = setup_ranks(args.device, args.dist_timeout)
+    with distributed_run(ranks):
+        build_database(args, ranks)
+
+
+def retrieval_sources(args, checkpoint, ranks):
+    """({'db': ImageSource of data/image/list.txt, 'query': of data/query/list.txt}, label names by index, label_kind).
+
+    Under torchrun local rank 0 of each machine builds the decoded caches while the others wait, then they read them.
+    """
     image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
     db_entries = MyDataset.read_list(image_folder / "list.txt", need_label=False, strict_paths=args.strict_paths)
     query_entries = MyDataset.read_list(query_folder / "list.txt", need_label=False, strict_paths=args.strict_paths)
-    known = known_labels(image_folder, args.strict_paths)
-    db_labels, every = MyDataset.retrieval_labels(db_entries, checkpoint["classes"], known)
-    # queries take labels only from their own list; unseen ones extend the same index after the database's
-    query_labels, every = MyDataset.retrieval_labels(query_entries, every, {})
+    db_labels, query_labels, every, label_kind = retrieval_labels(db_entries, query_entries, checkpoint["classes"],
+                                                                  known_labels(image_folder, args.strict_paths))
     # every header in both lists is checked before either list is decoded or its first batch encoded
     lists = (("db", image_folder, db_entries, db_labels), ("query", query_folder, query_entries, query_labels))
     checked = {part: MyDataset.check_images(folder, entries, args.skip_bad) for part, folder, entries, _ in lists}
     sources = {}
-    for part, folder, entries, labels in lists:
-        sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
-                                              args.workers, args.skip_bad, not args.no_cache, device,
-                                              checked=checked[part])
+    with local_main_first(ranks):
+        for part, folder, entries, labels in lists:
+            sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
+                                                  args.workers, args.skip_bad, not args.no_cache, ranks.device,
+                                                  checked=checked[part])
+    return sources, every, label_kind
+
+
+def build_database(args, ranks):
+    """Encode both lists on every rank; rank 0 gathers the rows and alone writes the database."""
+    if ranks.is_main:
+        print_args(args)
+    started = time.perf_counter()
+
+    def read_model():
+        path = Path(args.model) if args.model else newest_model(args.model_dir, args.bits)
+        return path, load_model(path, args.bits)[1]
+
+    # rank 0 reads the model and sends it to every rank: the model folder need not be shared between machines
+    model_path, checkpoint = from_main(ranks, read_model)
+    model = build_model(checkpoint).eval()
+    sources, every, label_kind = retrieval_sources(args, checkpoint, ranks)
     parts, bad = {}, []
     for part, source in sources.items():
-        codes, features = encode(model, checkpoint, source, device, args.batch_size)
-        refuse_non_finite(features, model_path, args.bits)
-        names = [source.entries[i].path for i in source.keep]
-        parts[part] = (codes, source.labels[source.keep], features, names)
-        bad += [message for _, message in source.bad]
+        encoded = encode_part(model, checkpoint, source, ranks, args.batch_size)
+        if ranks.is_main:
+            refuse_non_finite(encoded[2], model_path, args.bits)
+            parts[part] = encoded[:4]
+            bad += [message for _, message in encoded[4]]
+    if not ranks.is_main:
+        return
     if bad:
         write_text(Path(args.result) / "bad_images.txt", "".join(message + "\n" for message in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(args.result) / 'bad_images.txt'}")
     meta = {
         "format": FORMAT, "bits": checkpoint["bits"], "model": str(model_path), "model_abspath": str(model_path.resolve()),
         "model_sha256": sha256_file(model_path),
-        "labels": every, "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
+        "labels": every, "label_kind": label_kind, "protocol": data_protocol(args.data_root), "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
         "mean": checkpoint["mean"], "std": checkpoint["std"], "recipe": checkpoint.get("recipe"),
         "feature_dim": int(parts["db"][2].shape[1]),
         "num_database": len(parts["db"][0]), "num_queries": len(parts["query"][0]), "skipped_bad": len(bad),
-        "device": str(device), "seconds": elapsed(started), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "args": vars(args),
+        "device": str(ranks.device), "world_size": ranks.world_size, "seconds": elapsed(started),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
     }
     if len(parts["db"][0]) == 0:  # never an empty database over a good one
-        raise UserError(f"no database image was encoded (all {len(db_entries)} left out as unreadable); "
+        raise UserError(f"no database image was encoded (all {len(sources['db'].entries)} left out as unreadable); "
                         f"{args.out} was left as it was")
     write_database(args.out, parts, meta)
     print(json.dumps({"database": args.out, "num_database": meta["num_database"], "num_queries": meta["num_queries"],

@@ -3,9 +3,11 @@
     python demo.py --bits 48 --num 0                # query 0 of database/: result/demo_0.png
     python demo.py --bits 48 --image photo.jpg      # a new image: result/demo_photo.png
     python demo.py --bits 48 --num 7 --show         # and open a window
+    python demo.py --bits 48 --backend faiss        # candidates from index.py's faiss index
 
-Each result is titled with its rank, Hamming distance and label, and framed green where its label is the query's,
-red where it is another, grey where either is unknown. The images are read from --data-root: image/ for the database,
+Each result is titled with its rank, Hamming distance and class (the name prepare_data.py recorded in
+--data-root/prepare_data.json, else the label), and framed green where it shares a label with the query, red where
+it does not, grey where either is unknown. The images are read from --data-root: image/ for the database,
 query/ for the queries, under the names database.py stored. --image is encoded with the model that built the
 database (refused when that file changed since, as in query.py).
 """
@@ -18,16 +20,19 @@ import numpy as np
 
 import MyDataset
 import database
+import index
+import mAP
 from stage import UserError, atomic_write, common_args_parser, elapsed, non_negative_int, print_args, run_main
-from query import add_retrieval_args, label_text, open_retrieval
 
 RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("demo.py", description=__doc__.split("\n")[0], parents=[common_args_parser()],
+    parser = argparse.ArgumentParser("demo.py", description=__doc__.split("\n")[0],
+                                     parents=[common_args_parser(), mAP.retrieval_args_parser(result_help="folder for the figure"),
+                                              mAP.coarse_to_fine_args_parser()],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_retrieval_args(parser)
+    index.add_backend_args(parser)
     parser.add_argument("--num", type=non_negative_int, default=0, help="0-based index of the query in database/ (default: %(default)s)")
     parser.add_argument("--image", default=None, metavar="PATH", help="query this image file instead")
     parser.add_argument("--show", action="store_true", help="also open the figure in a window")
@@ -42,10 +47,14 @@ def load_image(path, args):
                         "query/ for the queries): give the data folder that built the database") from None
 
 
-def frame_colour(query_label, label):
-    if query_label < 0 or label < 0:
-        return UNKNOWN
-    return RELEVANT if query_label == label else IRRELEVANT
+def frame_colours(query_label, labels):
+    """A frame colour per result: green where mAP.relevance() holds, grey where either side has no label, else red."""
+    query_labels, labels = np.asarray([query_label]), np.asarray(labels)
+    known = np.zeros(len(labels), dtype=bool)
+    if len(mAP.labelled(query_labels)):
+        known[mAP.labelled(labels)] = True
+    relevant = mAP.relevance(query_labels, labels)[0]
+    return [RELEVANT if rel else IRRELEVANT if k else UNKNOWN for rel, k in zip(relevant, known)]
 
 
 def draw(path, panels, heading, show):
@@ -82,7 +91,8 @@ def main():
     args = get_args_parser().parse_args()
     print_args(args)
     started = time.perf_counter()
-    device, db, query, meta, radius, radius_from, ranking = open_retrieval(args)
+    device, db, query, meta, radius, radius_from, items = mAP.open_retrieval(args)
+    backend, engine = index.open_index(args, meta, items.size)
     if args.image:
         files = MyDataset.image_files([args.image])
         if len(files) != 1:
@@ -90,26 +100,29 @@ def main():
                             "(query.py --image takes many)")
         _, codes, features, _ = database.encode_new_images(files, args.database, meta, args.model, device,
                                                            args.batch_size)
-        query_label, query_path, name, out = -1, files[0], str(files[0]), f"demo_{files[0].stem}.png"
+        no_label = -1 if db.labels.ndim == 1 else np.zeros(db.labels.shape[1], dtype=db.labels.dtype)
+        query_label, query_path, name, out = no_label, files[0], str(files[0]), f"demo_{files[0].stem}.png"
     else:
         if not 0 <= args.num < len(query.codes):
             raise UserError(f"--num {args.num}: {args.database} holds {len(query.codes)} queries (0..{len(query.codes) - 1})")
         codes, features = query.codes[args.num:args.num + 1], np.asarray(query.features[args.num:args.num + 1])
-        query_label, name, out = int(query.labels[args.num]), query.names[args.num], f"demo_{args.num}.png"
+        query_label, name, out = query.labels[args.num], query.names[args.num], f"demo_{args.num}.png"
         query_path = Path(args.data_root) / "query" / name
-    found = ranking.coarse_to_fine(codes, features, radius, args.topk)[0]
-    panels = [(load_image(query_path, args), f"query\n{label_text(meta, query_label) or '?'}", QUERY)]
-    for rank, (row, hamming) in enumerate(zip(found["rows"], found["hamming"]), start=1):
-        label = int(db.labels[row])
-        panels.append((load_image(Path(args.data_root) / "image" / db.names[row], args),
-                       f"#{rank}  d={hamming}\n{label_text(meta, label) or '?'}", frame_colour(query_label, label)))
+    found = index.retrieve(engine, items, codes, features, radius, args.topk)[0]
+    names = database.class_names(args.data_root)
+    colours = frame_colours(query_label, db.labels[found["rows"]])
+    panels = [(load_image(query_path, args), f"query\n{database.label_text(meta, query_label, names) or '?'}", QUERY)]
+    for rank, (row, hamming, colour) in enumerate(zip(found["rows"], found["hamming"], colours), start=1):
+        title = f"#{rank}  d={hamming}\n{database.label_text(meta, db.labels[row], names) or '?'}"
+        panels.append((load_image(Path(args.data_root) / "image" / db.names[row], args), title, colour))
     path = Path(args.result) / out
-    heading = (f"{name}: top {len(found['rows'])} of {ranking.size} within Hamming radius {found['radius']} "
+    heading = (f"{name}: top {len(found['rows'])} of {items.size} within Hamming radius {found['radius']} "
                f"({args.bits} bits), ranked by fc7 distance")
     draw(path, panels, heading, args.show)
-    relevant = sum(frame_colour(query_label, int(db.labels[row])) == RELEVANT for row in found["rows"])
-    summary = f"{relevant}/{len(found['rows'])} share its label" if query_label >= 0 else "query label unknown"
-    print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates, {summary}; "
+    relevant = colours.count(RELEVANT)
+    labelled = len(mAP.labelled(np.asarray([query_label]))) > 0
+    summary = f"{relevant}/{len(found['rows'])} share its label" if labelled else "query label unknown"
+    print(f"{name}: radius {found['radius']} ({radius_from}), {found['candidates']} candidates ({backend}), {summary}; "
           f"wrote {path} in {elapsed(started)} s")
 
 

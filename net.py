@@ -9,16 +9,22 @@ contract, shared flags and atomic writes live in stage.py.
 
 Importing it does nothing: no download, no file written, no CUDA initialised.
 """
+import argparse
 import contextlib
+import datetime
+import os
 import pickle
 import re
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from stage import UserError, atomic_write
+from stage import UserError, atomic_write, positive_float
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +55,158 @@ def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed runs: torchrun's conventions (RANK, LOCAL_RANK, WORLD_SIZE in the environment, one process group,
+# rank 0 alone writes files). Started without torchrun, the same code runs with world size 1 and no process group.
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the job: its rank, its local rank (its GPU on its machine), how many, its device."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        """Rank 0: the one process that prints progress and writes files."""
+        return self.rank == 0
+
+
+def distributed_args_parser():
+    """--dist-timeout, for the stages that run under torchrun (mytrain.py, database.py), passed as a parent."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--dist-timeout", type=positive_float, default=1800,
+                        help="under torchrun: seconds a rank waits for the others (a collective, the decoded-cache "
+                             "build) before the job ends (default: %(default)s)")
+    return parser
+
+
+def setup_ranks(device_name, timeout_seconds):
+    """Read torchrun's environment, pick this rank's device and join the process group once (nccl on CUDA, gloo
+    on the CPU). Without torchrun: Ranks(0, 0, 1, pick_device(device_name)) and no process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if world_size > 1 and device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                            "start at most one process per GPU: torchrun --nproc-per-node GPUS")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        # the timeout bounds every collective: ranks left behind by a dead one end instead of waiting forever
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_seconds))
+    return Ranks(rank, local_rank, world_size, device)
+
+
+@contextlib.contextmanager
+def distributed_run(ranks):
+    """Leave the process group at the end; a rank that loses the others ends with one line and exit status 1.
+
+    torchrun then ends the whole job; `--resume` continues it from the last completed epoch.
+    """
+    try:
+        yield
+    except UserError as err:
+        if ranks.is_main:
+            raise
+        raise UserError(f"rank {ranks.rank}: {err}") from err  # each rank says it once; rank 0 as without torchrun
+    except (RuntimeError, dist.DistError) as err:
+        first_line = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if ranks.world_size == 1 or "--debug" in sys.argv or not _lost_contact(err):
+            raise
+        print(f"error: rank {ranks.rank} lost contact with the other ranks ({first_line}); another rank stopped or "
+              "cannot be reached, so the job ends: continue it with the same command and --resume", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _lost_contact(err):
+    """True for the errors a collective raises when a peer died or timed out (gloo and nccl word them so)."""
+    words = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout", "nccl", "gloo", "socket")
+    return isinstance(err, dist.DistError) or any(word in str(err).lower() for word in words)
+
+
+def from_main(ranks, read):
+    """read() on rank 0, its value on every rank: files only rank 0 needs to have (a model, a resume state).
+
+    A UserError on rank 0 ends every rank: rank 0 prints it, the others leave quietly with the same exit status.
+    """
+    outcome = None
+    if ranks.is_main:
+        try:
+            outcome = (read(), None)
+        except UserError as err:
+            outcome = (None, str(err))
+    if ranks.world_size > 1:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    value, error = outcome
+    if error is not None:
+        if ranks.is_main:
+            raise UserError(error)
+        sys.exit(2)
+    return value
+
+
+def all_reduce_sum(tensor, ranks):
+    """Sum a tensor over the ranks in place (nothing to do for one rank); returns it."""
+    if ranks.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(ranks):
+    if ranks.world_size > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first(ranks):
+    """Local rank 0 of each machine runs the block first (builds the decoded cache); the others wait, then read it."""
+    if ranks.local_rank != 0:
+        barrier(ranks)
+    yield
+    if ranks.local_rank == 0:
+        barrier(ranks)
+
+
+def gather_to_main(ranks, value):
+    """[every rank's value] on rank 0, None on the others."""
+    if ranks.world_size == 1:
+        return [value]
+    gathered = [None] * ranks.world_size if ranks.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def wrap_for_ranks(model, ranks):
+    """DistributedDataParallel when there are several ranks (SyncBatchNorm on CUDA), the model itself otherwise.
+
+    SyncBatchNorm takes batch statistics over the whole global batch, as a single process does; PyTorch offers it
+    on GPUs only, so on the CPU (gloo) each rank's BatchNorm sees its own share of the batch (README).
+    """
+    if ranks.world_size == 1:
+        return model
+    if ranks.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[ranks.device.index] if ranks.device.index is not None
+                                               else None)
+
+
+def broadcast_buffers(model, ranks):
+    """Every rank takes rank 0's BatchNorm running statistics: evaluation on shards uses the model rank 0 saves."""
+    if ranks.world_size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@
     python prepare_data.py cifar10                          # downloads through torchvision into --download-dir
     python prepare_data.py cifar10 --source ~/cifar-10-batches-py     # the official python batches, already here
     python prepare_data.py folder PATH --test-fraction 0.2 --seed 0   # PATH/<class>/**/<image>, label = <class>
+    python prepare_data.py cifar10 --protocol dsh --seed 0   # 1,000 queries, 5,000 training, 59,000 database
+    python prepare_data.py nus-wide --source ~/NUS-WIDE --lists ~/DeepHash-pytorch/data/nuswide_21
+    python prepare_data.py coco --source ~/coco --lists ~/HashNet/pytorch/data/coco
+    python prepare_data.py imagenet100 --source ~/imagenet --lists ~/HashNet/pytorch/data/imagenet
 
 Writes under --data-root (default data/):
     image/train/<label>/<name>          the training images: the training split and the database
@@ -13,14 +17,26 @@ Writes under --data-root (default data/):
     image/list.txt                      the database: the same lines as trainlist.txt
     query/test/<label>/<name>           the queries: copies of the test images
     query/list.txt                      <path relative to query/> <label>: the same lines as testlist.txt
-    prepare_data.json                   the arguments, the classes (label -> name) and the counts
+    prepare_data.json                   the arguments, the classes (label -> name), the counts and the protocol
 
-The database is the training split only, so a query never finds itself in it. Fashion-MNIST and CIFAR-10 keep
-their official train/test splits and use the class index 0..9 as the label (the names are printed and stored in
-prepare_data.json). `folder` (and cifar10 with --source a folder of classes) labels each image with its class
-folder's name and splits every class by a seeded --test-fraction, unless the folder holds train/ and test/ folders
-of classes, whose split it keeps. --limit-per-class and --limit-test-per-class keep the first images of each class
+The database is the training split only (the protocols below set their own, never holding a query), so a query
+never finds itself in it. Fashion-MNIST and CIFAR-10 (--protocol dlbhc) keep their official train/test splits
+and use the class index 0..9 as the label (the names are printed and stored in prepare_data.json). `folder` (and
+cifar10 with --source a folder of classes) labels each image with its class folder's name and splits every class
+by a seeded --test-fraction, unless the folder holds train/ and test/ folders of classes, whose split it keeps. --limit-per-class and --limit-test-per-class keep the first images of each class
 in the order of the source (for folder, of the sorted file names), so a smaller set is a subset of a larger one.
+
+Benchmark protocols (README, Protocols). Each records `protocol` in prepare_data.json (name, queries, training
+images, database, classes, relevance, topk: the k of mAP@k, null for the whole ranking); database.py carries it to
+meta.json and mAP.py takes its k as the default --topk. cifar10 --protocol dsh pools the 60,000 images and draws,
+per class and seeded by --seed, 100 queries and 500 training images; the database is every image but the queries.
+nus-wide (NUS-WIDE-21), coco and imagenet100 read the standard database.txt, train.txt and test.txt (the queries)
+of HashNet / DeepHash-pytorch from --lists: one line per image, its path then one 0/1 column per class. Paths are
+found under --source, relative (images/...) or absolute on another machine (the leading folders that do not exist
+here are dropped). The images stay where they are: the lists written name them by absolute path, nothing is
+copied. NUS-WIDE and MS-COCO are multi-label (relevant = shares at least one label); ImageNet-100's rows have one
+label each. The counts are checked against the protocol; a missing image or an off count is an error naming the list.
+cifar10 --protocol dlbhc (the default) records its protocol when the counts are the official ones.
 
 Fashion-MNIST is read from the idx files in --source (default /usr/share/datasets/fashion-mnist, installed by the
 Debian package dataset-fashion-mnist; gzipped or not); only when they are absent does torchvision download them.
@@ -54,11 +70,29 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from MyDataset import IMAGE_SUFFIXES, sort_labels
+from MyDataset import IMAGE_SUFFIXES, read_list, sort_labels
 from stage import (UserError, common_args_parser, elapsed, finite_float, positive_int, print_args, run_main, seed_int,
                    write_json, write_text)
 
-DATASETS = ("fashion-mnist", "cifar10", "folder")
+DATASETS = ("fashion-mnist", "cifar10", "folder", "nus-wide", "coco", "imagenet100")
+BENCHMARKS = ("nus-wide", "coco", "imagenet100")  # read the standard list files beside a local copy of the images
+# What papers report, checked against what a run writes. topk None: mAP over the whole ranking. The last three are
+# HashNet's (Cao et al., ICCV 2017) and DeepHash-pytorch's lists: train is drawn from the database, queries are
+# not in it.
+PROTOCOLS = {
+    "cifar10-dlbhc": {"queries": 10000, "train": 50000, "database": 50000, "classes": 10, "relevance": "same label",
+                      "topk": 1000},
+    "cifar10-dsh": {"queries": 1000, "train": 5000, "database": 59000, "classes": 10, "relevance": "same label",
+                    "topk": None},
+    "nus-wide": {"queries": 2100, "train": 10500, "database": 193734, "classes": 21,
+                 "relevance": "shares at least one label", "topk": 5000},
+    "coco": {"queries": 5000, "train": 10000, "database": 117218, "classes": 80,
+             "relevance": "shares at least one label", "topk": 5000},
+    "imagenet100": {"queries": 5000, "train": 10000, "database": 128503, "classes": 100, "relevance": "same label",
+                    "topk": 1000},
+}
+LIST_FILES = {"database": "database.txt", "train": "train.txt", "queries": "test.txt"}  # as HashNet names them
+DSH_PER_CLASS = {"queries": 100, "train": 500}
 FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -80,15 +114,23 @@ def get_args_parser():
     parser.add_argument("--source", default=None,
                         help="where the data already is: fashion-mnist, the folder of the four idx files "
                              f"(default: {FASHION_MNIST_SOURCE}); cifar10, the cifar-10-batches-py folder or a "
-                             "folder of class subfolders (default: download)")
+                             "folder of class subfolders (default: download); nus-wide, coco, imagenet100, the "
+                             "local copy of the images the lists' paths start from (required)")
+    parser.add_argument("--protocol", default="dlbhc", choices=("dlbhc", "dsh"),
+                        help="cifar10: dlbhc, the official 50,000/10,000 split (database = training); dsh, 1,000 "
+                             "queries (100 a class), 5,000 training images (500 a class) and the other 59,000 as "
+                             "the database, drawn with --seed (default: %(default)s)")
+    parser.add_argument("--lists", default=None,
+                        help="nus-wide, coco, imagenet100: the folder of database.txt, train.txt and test.txt "
+                             "(default: --source)")
     parser.add_argument("--download-dir", default=None,
                         help="where torchvision downloads to when --source lacks the data "
                              "(default: <data-root>/download)")
     parser.add_argument("--test-fraction", type=finite_float, default=0.2,
                         help="folder mode: share of each class that becomes test images and queries "
                              "(default: %(default)s)")
-    parser.add_argument("--seed", type=seed_int, default=0, help="folder mode: seed of the train/test split "
-                                                           "(default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="folder mode and cifar10 --protocol dsh: seed of the "
+                                                           "split (default: %(default)s)")
     parser.add_argument("--limit-per-class", type=positive_int, default=None,
                         help="keep the first N training images of each class (default: all)")
     parser.add_argument("--limit-test-per-class", type=positive_int, default=None,
@@ -109,6 +151,7 @@ def check_args(args):
         raise UserError(f"{args.dataset} takes no PATH ({args.path}); give a local copy with --source {args.path}")
     if args.dataset == "folder" and args.source is not None:
         raise UserError("folder mode reads PATH; --source is for fashion-mnist and cifar10")
+    check_protocol_args(args)
     if not 0 < args.test_fraction < 1:
         raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
     for flag, value in (("--limit-per-class", args.limit_per_class),
@@ -139,6 +182,12 @@ class Split:
                      None if self.pixels is None else self.pixels[rows],
                      None if self.files is None else [self.files[i] for i in rows])
 
+    def concat(self, other):
+        """This split followed by other (both in-memory pixels, or both files)."""
+        pixels = None if self.pixels is None else np.concatenate([self.pixels, other.pixels])
+        files = None if self.files is None else self.files + other.files
+        return Split(self.names + other.names, self.labels + other.labels, pixels, files)
+
 
 @dataclass
 class Prepared:
@@ -146,6 +195,8 @@ class Prepared:
     train: Split
     test: Split
     source: str  # where the data was read from
+    database: Split | None = None  # None: the database is the training split
+    in_place: bool = False  # names are the source images' absolute paths: lists point at them, nothing is copied
     skipped: dict | None = None  # folder mode: files not taken, by reason
 
 
@@ -506,6 +557,141 @@ def load_folder(folder, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Benchmark protocols: CIFAR-10 as DSH split it, and the standard lists of NUS-WIDE, MS-COCO and ImageNet-100
+
+
+def check_protocol_args(args):
+    if args.protocol != "dlbhc" and args.dataset != "cifar10":
+        raise UserError(f"--protocol {args.protocol} is for cifar10; {args.dataset} has one protocol of its own")
+    if args.lists is not None and args.dataset not in BENCHMARKS:
+        raise UserError(f"--lists is for {', '.join(BENCHMARKS)}; {args.dataset} reads no list files")
+    if args.dataset in BENCHMARKS and args.source is None:
+        raise UserError(f"{args.dataset} needs the local copy of its images: python prepare_data.py {args.dataset} "
+                        f"--source DIR [--lists DIR holding {', '.join(LIST_FILES.values())}]")
+    fixed = args.dataset in BENCHMARKS or args.protocol == "dsh"
+    if fixed and (args.limit_per_class is not None or args.limit_test_per_class is not None):
+        raise UserError(f"{protocol_name(args)} fixes its counts; "
+                        "leave out --limit-per-class and --limit-test-per-class")
+
+
+def protocol_name(args):
+    if args.dataset == "cifar10":
+        return f"cifar10-{args.protocol}"
+    return args.dataset if args.dataset in BENCHMARKS else None
+
+
+def protocol_record(args):
+    """What data/prepare_data.json records as `protocol` (database.py carries it to meta.json), or None."""
+    name = protocol_name(args)
+    if name is None or args.limit_per_class is not None or args.limit_test_per_class is not None:
+        return None  # a limited CIFAR-10 is a subset, not the protocol
+    return {"name": name, **PROTOCOLS[name]}
+
+
+def check_counts(protocol, counts, where):
+    """Refuse a split whose size is not the protocol's; where maps each role to what to name (a list file)."""
+    for role in ("queries", "train", "database"):
+        if counts[role] != protocol[role]:
+            raise UserError(f"{where[role]} gives {counts[role]:,} {role} images where the {protocol['name']} protocol "
+                            f"has {protocol[role]:,}; use the standard list files of HashNet / DeepHash-pytorch "
+                            "(or the full official data)")
+
+
+def dsh_split(prepared, seed):
+    """CIFAR-10 as DSH split it: of all 60,000 images, per class 100 queries and 500 training images, drawn by seed.
+
+    The database is every image but the queries (59,000), so it holds the training images, as in the papers.
+    """
+    pool = prepared.train.concat(prepared.test)
+    queries, train = [], []
+    for label in sort_labels(set(pool.labels)):
+        rows = [row for row, token in enumerate(pool.labels) if token == label]
+        needed = DSH_PER_CLASS["queries"] + DSH_PER_CLASS["train"]
+        if len(rows) < needed:
+            raise UserError(f"{prepared.source}: class {label} has {len(rows)} images; --protocol dsh needs {needed}")
+        order = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))]).permutation(rows)
+        queries += order[:DSH_PER_CLASS["queries"]].tolist()
+        train += order[DSH_PER_CLASS["queries"]:needed].tolist()
+    taken = set(queries)
+    database = [row for row in range(len(pool)) if row not in taken]
+    return Prepared(prepared.classes, pool.subset(sorted(train)), pool.subset(sorted(queries)), prepared.source,
+                    database=pool.subset(database))
+
+
+def standard_list(list_path, protocol):
+    """The entries of one standard list file: one-hot rows, one column per class of the protocol."""
+    entries = read_list(list_path, need_label=True)
+    if entries.form != "onehot" or entries.columns != protocol["classes"]:
+        found = f"{entries.columns} one-hot columns" if entries.form == "onehot" else "no one-hot rows"
+        raise UserError(f"{list_path} has {found}; the {protocol['name']} lists have one 0/1 column per class "
+                        f"({protocol['classes']})")
+    return entries
+
+
+def path_resolver(entries, source, list_path):
+    """A function list path -> the image file under source (a str: the lists name 10^5 images).
+
+    The lists name images relative to the data set's folder (DeepHash-pytorch: images/..., val_image/...) or by
+    the absolute path on their authors' machine (HashNet: /home/.../coco/val2014/...). The leading folders to drop
+    are found once, on the first line, and dropped from every line.
+    """
+    parts = entries[0].path.lstrip("/").split("/")
+    for drop in range(len(parts)):
+        if (source / "/".join(parts[drop:])).is_file():
+            return lambda path: os.path.join(source, *path.lstrip("/").split("/")[drop:])
+    raise UserError(f"{list_path}:{entries[0].line}: image {entries[0].path} is not under --source {source} (nor "
+                    "any end of its path); give --source the folder the list's paths start from")
+
+
+def check_files(files, entries, list_path):
+    """Every image listed exists: one listing per folder, not a stat per file."""
+    listed = {}
+    for file, entry in zip(files, entries):
+        folder, name = os.path.split(file)
+        if folder not in listed:
+            try:
+                listed[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
+            except OSError:
+                listed[folder] = set()
+        if name not in listed[folder]:
+            raise UserError(f"{list_path}:{entry.line}: image {file} is missing; complete the local copy "
+                            "or give --source the folder that holds it")
+
+
+def benchmark_split(list_path, protocol, source):
+    entries = standard_list(list_path, protocol)
+    resolve = path_resolver(entries, source, list_path)
+    files = [resolve(entry.path) for entry in entries]
+    check_files(files, entries, list_path)
+    return Split(files, [entry.label for entry in entries])
+
+
+def load_benchmark(args):
+    """NUS-WIDE-21, MS-COCO or ImageNet-100 from a local copy and the standard lists; counts checked, nothing copied."""
+    protocol = {"name": args.dataset, **PROTOCOLS[args.dataset]}
+    source = Path(args.source).resolve()
+    lists = Path(args.lists).resolve() if args.lists else source
+    if not source.is_dir():
+        raise UserError(f"--source {args.source} is not a folder; give the local copy of {args.dataset}'s images")
+    # list files separate fields by whitespace: the lists' own paths have none, the folder they go under may
+    if any(c.isspace() for c in str(source)):
+        raise UserError(f"--source {source} holds whitespace, which list files cannot carry; "
+                        "move the copy to a folder without spaces")
+    paths = {role: lists / name for role, name in LIST_FILES.items()}
+    for role, path in paths.items():
+        if not path.is_file():
+            raise UserError(f"{path} is missing: {args.dataset} reads the standard list files "
+                            f"{', '.join(LIST_FILES.values())} of HashNet / DeepHash-pytorch; give their folder "
+                            "with --lists")
+    splits = {role: benchmark_split(path, protocol, source) for role, path in paths.items()}
+    check_counts(protocol, {role: len(split) for role, split in splits.items()}, paths)
+    tokens = sort_labels({label for split in splits.values() for token in split.labels for label in token.split(",")})
+    classes = {token: token for token in tokens}  # the lists carry column indices only
+    return Prepared(classes, splits["train"], splits["queries"], str(source), database=splits["database"],
+                    in_place=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing: images in worker processes, then the list files
 
 
@@ -607,11 +793,13 @@ def write_images(parts, workers, force):
 
 
 def list_text(split):
-    return "".join(f"{name} {label}\n" for name, label in zip(split.names, split.labels))
+    """`<name> <label>` lines; several labels are written `<name> <label>,<label>` (MyDataset reads both)."""
+    return "".join(f"{name} {label}\n" if label else f"{name}\n" for name, label in zip(split.names, split.labels))
 
 
 def per_class(labels):
-    counted = Counter(labels)
+    """Images per label; an image with several labels counts for each."""
+    counted = Counter(label for token in labels for label in token.split(",") if label)
     return {label: counted[label] for label in sort_labels(counted)}
 
 
@@ -630,8 +818,48 @@ def load(args):
     if args.dataset == "fashion-mnist":
         return load_fashion_mnist(args)
     if args.dataset == "cifar10":
-        return load_cifar10(args)
+        prepared = load_cifar10(args)
+        return dsh_split(prepared, args.seed) if args.protocol == "dsh" else prepared
+    if args.dataset in BENCHMARKS:
+        return load_benchmark(args)
     return load_folder(args.path, args)
+
+
+def label_set(labels):
+    """The single labels of a split's tokens ('3' or '3,5'); '' (no label) adds none."""
+    return {label for token in labels for label in token.split(",") if label}
+
+
+def checked_protocol(args, counts, source):
+    """The protocol record for prepare_data.json, its counts checked: cifar10 dlbhc records it only when they match."""
+    protocol = protocol_record(args)
+    if protocol is None:
+        return None
+    if protocol["name"] == "cifar10-dlbhc":  # today's split of whatever --source holds: no error, and no claim
+        return protocol if all(counts[role] == protocol[role] for role in ("queries", "train", "database")) else None
+    check_counts(protocol, counts, {role: source for role in ("queries", "train", "database")})
+    print(f"protocol {protocol['name']}: {counts['queries']:,} queries, {counts['train']:,} training images, "
+          f"{counts['database']:,} database images, as the protocol has them; mAP@"
+          f"{protocol['topk'] or 'all'}, relevant = {protocol['relevance']}", flush=True)
+    return protocol
+
+
+def layout(prepared, train, test, data_root):
+    """({list path: text}, [(Split, [folders])] of images to write) for the usual layout."""
+    database = prepared.database or train  # by default the training split: queries are not in it
+    image_folder, query_folder = Path(data_root) / "image", Path(data_root) / "query"
+    lists = {
+        image_folder / "trainlist.txt": list_text(train),
+        image_folder / "testlist.txt": list_text(test),
+        image_folder / "list.txt": list_text(database),
+        query_folder / "list.txt": list_text(test),
+    }
+    if prepared.in_place:
+        return lists, []
+    in_database = set(database.names)
+    train_only = train.subset([row for row, name in enumerate(train.names) if name not in in_database])
+    parts = [(database, [image_folder]), (train_only, [image_folder]), (test, [image_folder, query_folder])]
+    return lists, [(split, folders) for split, folders in parts if len(split)]
 
 
 def main():
@@ -645,33 +873,25 @@ def main():
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"{prepared.source} gives {len(train)} training and {len(test)} test image(s); "
                         "both splits need at least one")
-    unseen = sorted(set(test.labels) - set(train.labels))
+    unseen = sort_labels(label_set(test.labels) - label_set(train.labels))
     if unseen:
         raise UserError(f"test label(s) {', '.join(unseen[:5])} have no training image; every test class needs one")
-    image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
-    lists = {
-        image_folder / "trainlist.txt": list_text(train),
-        image_folder / "testlist.txt": list_text(test),
-        image_folder / "list.txt": list_text(train),  # the database is the training split: queries are not in it
-        query_folder / "list.txt": list_text(test),
-    }
+    database = prepared.database or train
+    counts = {"train": len(train), "test": len(test), "database": len(database), "queries": len(test)}
+    protocol = checked_protocol(args, counts, prepared.source)
+    lists, parts = layout(prepared, train, test, args.data_root)
     refuse_differing_lists(lists, args.force)
     classes = {label: prepared.classes[label] for label in sort_labels(prepared.classes)}
     print("classes (label: name):", ", ".join(f"{label}: {name}" for label, name in classes.items()), flush=True)
-    outcomes = write_images([(train, [image_folder]), (test, [image_folder, query_folder])], args.workers, args.force)
+    outcomes = write_images(parts, args.workers, args.force) if parts else Counter()
     for path, text in lists.items():  # last, so that a list never names an image not yet written
         if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
             write_text(path, text)
-    counts = {
-        "train": len(train), "test": len(test), "database": len(train), "queries": len(test),
-        "train_per_class": per_class(train.labels),
-        "test_per_class": per_class(test.labels),
-    }
+    counts.update({"train_per_class": per_class(train.labels), "test_per_class": per_class(test.labels)})
     write_json(Path(args.data_root) / "prepare_data.json",
                {"dataset": args.dataset, "source": prepared.source, "classes": classes, "counts": counts,
-                "skipped": prepared.skipped or {},
-                "args": vars(args)})
-    summary = {"data_root": args.data_root, "classes": len(classes),
+                "protocol": protocol, "skipped": prepared.skipped or {}, "args": vars(args)})
+    summary = {"data_root": args.data_root, "classes": len(classes), "protocol": protocol and protocol["name"],
                **{k: v for k, v in counts.items() if not k.endswith("per_class")},
                "files_written": outcomes["written"], "files_unchanged": outcomes["unchanged"],
                "seconds": elapsed(started)}

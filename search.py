@@ -11,7 +11,7 @@ Hamming distance r, re-ranked by fc7 Euclidean distance (equal distances in mAP.
   mAP            AP of the re-ranked candidate list, normalised by the relevant candidates (0 when none)
   ms/query       the real coarse-to-fine retrieval of the top 10 at that radius (mAP.py's, as query.py runs it,
                  Hamming distances included), timed on the first --time-queries queries of the sample
-Relevant = same label; queries and database items labelled -1 take no part.
+Relevant = sharing a label (mAP.relevance); queries and database items without a label take no part.
 
 Recommended radius: among the radii whose mean candidate count reaches --topk (10; all N when the database is
 smaller), the smallest whose precision@10 is within --tolerance (0.005) of the best of them: as precise as any larger
@@ -21,7 +21,6 @@ radius, at the least cost. When no radius reaches --topk, the largest. query.py 
 Writes result/search_<bits>bits.csv (the table), .png (the curves) and .json (table, recommendation, args).
 """
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -30,18 +29,18 @@ import numpy as np
 import database
 import mAP
 from net import pick_device
-from stage import (UserError, atomic_write, common_args_parser, elapsed, memory_mb, non_negative_float, non_negative_int,
-                   positive_int, print_args, run_main, threads_int, write_json, write_text)
+from stage import (UserError, atomic_write, common_args_parser, elapsed, non_negative_float, non_negative_int, positive_int,
+                   print_args, run_main, write_json, write_text)
 
 COLUMNS = ("radius", "candidates", "precision@10", "mAP", "ms/query")
+PRECISION_DEPTH = 10  # the 10 of precision@10, and the results a timed retrieval returns
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("search.py", description=__doc__.split("\n")[0], parents=[common_args_parser(data_root=False)],
+    parser = argparse.ArgumentParser("search.py", description=__doc__.split("\n")[0],
+                                     parents=[common_args_parser(data_root=False),
+                                              mAP.retrieval_args_parser(result_help="folder for the table, figure and JSON")],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=positive_int, required=True, help="code length; must match the database")
-    parser.add_argument("--database", default="database", help="folder written by database.py (default: %(default)s)")
-    parser.add_argument("--result", default="result", help="folder for the table, figure and JSON (default: %(default)s)")
     parser.add_argument("--max-radius", type=non_negative_int, default=None, help="largest radius studied (default: bits/2)")
     parser.add_argument("--queries", type=non_negative_int, default=1000,
                         help="labelled queries in the study, a seeded sample; 0 for all (default: %(default)s)")
@@ -51,10 +50,6 @@ def get_args_parser():
                         help="results a query needs: the recommended radius holds this many on average (default: %(default)s)")
     parser.add_argument("--tolerance", type=non_negative_float, default=0.005,
                         help="precision@10 below the best that still counts as the best (default: %(default)s)")
-    parser.add_argument("--ties", default="shuffle", choices=mAP.TIES, help="order of equal distances (default: %(default)s)")
-    parser.add_argument("--threads", type=threads_int, default=os.cpu_count() or 1, help="CPU threads (default: %(default)s)")
-    parser.add_argument("--memory-mb", type=memory_mb, default=256,
-                        help="working memory for chunks of queries (default: %(default)s)")
     return parser
 
 
@@ -109,24 +104,24 @@ def main():
     started = time.perf_counter()
     device = pick_device(args.device)
     db, query, meta = database.load_database(args.database, args.bits, features=True)
-    ranking = mAP.ranking_for_metrics(db, args.bits, args, device, features=True)
+    items = mAP.items_for_metrics(db, args, device, features=True)
     take = mAP.labelled_queries(query, args)
     take = take[sample(len(take), args.queries)]
     codes, labels, features = query.codes[take], query.labels[take], np.asarray(query.features[take])
     radii = list(range(max_radius + 1))
-    study = ranking.radius_metrics(codes, labels, features, radii)
+    study = mAP.radius_study(items, codes, labels, features, radii, depth=PRECISION_DEPTH)
     timed = min(args.time_queries, len(take))
     rows = []
     for j, radius in enumerate(radii):
         seconds = float("nan")  # not timed (--time-queries 0): nan in the table, null in the JSON
         if timed:
             tic = time.perf_counter()
-            ranking.coarse_to_fine(codes[:timed], features[:timed], radius, 10, grow=False)
+            mAP.coarse_to_fine(items, codes[:timed], features[:timed], radius, PRECISION_DEPTH, grow=False)
             seconds = (time.perf_counter() - tic) / timed
         rows.append({"radius": radius, "candidates": float(study["candidates"][:, j].mean()),
                      "precision@10": float(study["precision"][:, j].mean()), "mAP": float(study["ap"][:, j].mean()),
                      "ms/query": 1000 * seconds})
-    recommended = recommend(rows, min(args.topk, ranking.size), args.tolerance)
+    recommended = recommend(rows, min(args.topk, items.size), args.tolerance)
     stem = Path(args.result) / f"search_{args.bits}bits"
     write_text(stem.with_suffix(".csv"), ",".join(COLUMNS) + "\n" + "".join(
         f"{row['radius']},{row['candidates']:.3f},{row['precision@10']:.6f},{row['mAP']:.6f},{row['ms/query']:.4f}\n"
@@ -134,10 +129,10 @@ def main():
     plot(stem.with_suffix(".png"), rows, recommended, args.bits)
     write_json(stem.with_suffix(".json"), {
         "recommended_radius": recommended,
-        "rule": f"smallest radius with mean candidates >= {min(args.topk, ranking.size)} and precision@10 within "
+        "rule": f"smallest radius with mean candidates >= {min(args.topk, items.size)} and precision@10 within "
                 f"{args.tolerance} of the best such radius",
-        "rows": rows, "bits": args.bits, "num_queries": len(take), "num_database": ranking.size,
-        "skipped_database": int(len(db.labels) - ranking.size), "ties": args.ties, "model": meta.get("model"),
+        "rows": rows, "bits": args.bits, "num_queries": len(take), "num_database": items.size,
+        "skipped_database": int(len(db.labels) - items.size), "ties": args.ties, "model": meta.get("model"),
         "model_sha256": meta.get("model_sha256"), "device": str(device), "seconds": elapsed(started),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
     })
@@ -146,7 +141,7 @@ def main():
         mark = "  <- recommended" if row["radius"] == recommended else ""
         print(f"{row['radius']:>6} {row['candidates']:>11.1f} {row['precision@10']:>13.4f} {row['mAP']:>8.4f} "
               f"{row['ms/query']:>9.3f}{mark}")
-    print(f"recommended radius {recommended} ({len(take)} queries, {ranking.size} database items); wrote "
+    print(f"recommended radius {recommended} ({len(take)} queries, {items.size} database items); wrote "
           f"{stem}.csv, .png, .json in {elapsed(started)} s")
 
 

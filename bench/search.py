@@ -10,7 +10,7 @@
    mAP@1000) timed on --baseline-queries queries and scaled to all of them. Then mAP.py itself, run on the same codes
    written as a database (no feature files: without --rerank it reads none): its wall time and peak memory (RSS).
    A check: the first queries' AP equals a stable argsort on the shuffled database (the ranking rule, done slowly).
-2. Top-100 for 1,000 queries against 1,000,000 64-bit codes: mAP.Ranking.topk against faiss IndexBinaryFlat
+2. Top-100 for 1,000 queries against 1,000,000 64-bit codes: mAP.topk against faiss IndexBinaryFlat
    (faiss-cpu, when it can be imported: pip install faiss-cpu; it is no requirement), both on --threads threads,
    ties in database order for both; the results are compared.
 Prints a table and writes result/bench_search.json. Ratios are what to compare: this machine is shared and noisy,
@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import database  # noqa: E402
 import mAP  # noqa: E402
 from net import pick_device  # noqa: E402
 from stage import print_args, write_json  # noqa: E402
@@ -66,12 +67,12 @@ def class_codes(rng, count, bits, classes, prototypes=4, flips=1.5):
 def original_map(query_bits, query_labels, db_bits, db_labels, depth=1000):
     """The original repo's method, one query at a time: (mAP over the full ranking, mAP@depth)."""
     ap_all, ap_depth = [], []
-    positions = np.arange(1, len(db_bits) + 1)
+    ranks = np.arange(1, len(db_bits) + 1)
     for code, label in zip(query_bits, query_labels):
         hamming = np.count_nonzero(code != db_bits, axis=1)
         order = np.argsort(hamming)
         relevant = db_labels[order] == label
-        precision = np.cumsum(relevant) / positions
+        precision = np.cumsum(relevant) / ranks
         ap_all.append(np.sum(precision * relevant) / max(1, relevant.sum()))
         ap_depth.append(np.sum(precision[:depth] * relevant[:depth]) / max(1, relevant[:depth].sum()))
     return np.mean(ap_all), np.mean(ap_depth)
@@ -91,14 +92,12 @@ def rule_done_slowly(query_bits, query_labels, db_bits, db_labels):
 
 
 def write_database(folder, db, query, bits):
-    """The codes as database.py writes them, without feature files (mAP.py without --rerank reads none)."""
-    folder.mkdir(parents=True)
-    for part, (codes, labels) in (("db", db), ("query", query)):
-        np.save(folder / f"{part}_binary.npy", np.packbits(codes, axis=1))
-        np.save(folder / f"{part}_label.npy", labels.astype(np.int64))
-        (folder / f"{part}_names.txt").write_text("".join(f"{part}/{i}.png\n" for i in range(len(codes))))
-    (folder / "meta.json").write_text(json.dumps({"format": 1, "bits": bits, "model": None, "model_sha256": None,
-                                                  "labels": [str(i) for i in range(int(db[1].max()) + 1)]}))
+    """The codes written by database.py's writer, without feature files (mAP.py without --rerank reads none)."""
+    parts = {part: (np.packbits(codes, axis=1), labels, None, [f"{part}/{i}.png" for i in range(len(codes))])
+             for part, (codes, labels) in (("db", db), ("query", query))}
+    database.write_database(folder, parts, {"format": database.FORMAT, "bits": bits, "model": None,
+                                            "model_sha256": None,
+                                            "labels": [str(i) for i in range(int(db[1].max()) + 1)]})
 
 
 def bench_map(args, device, rng):
@@ -111,12 +110,12 @@ def bench_map(args, device, rng):
     tic = time.perf_counter()
     original_map(query_int[:sample], query_labels[:sample], db_int, db_labels)
     baseline = (time.perf_counter() - tic) / sample * num_query
-    ranking = mAP.Ranking(db_codes, bits, db_labels, device=device, threads=args.threads)
+    items = mAP.prepare_items(db_codes, bits, db_labels, device=device, threads=args.threads)
     if device.type == "cuda":  # the first call pays for CUDA's start
-        ranking.evaluate(query_codes[:8], query_labels[:8], 1000)
+        mAP.evaluate(items, query_codes[:8], query_labels[:8], 1000)
         torch.cuda.synchronize()
     tic = time.perf_counter()
-    metrics = ranking.evaluate(query_codes, query_labels, 1000)
+    metrics = mAP.evaluate(items, query_codes, query_labels, 1000)
     ours = time.perf_counter() - tic
     checked = min(20, num_query)
     slow = rule_done_slowly(query_int[:checked], query_labels[:checked], db_int, db_labels)
@@ -149,10 +148,10 @@ def bench_topk(args, device, rng):
     db_bits, _ = class_codes(rng, num_db, bits, classes=100, prototypes=8, flips=3)
     query_bits, _ = class_codes(rng, num_query, bits, classes=100, prototypes=8, flips=3)
     db_codes, query_codes = np.packbits(db_bits, axis=1), np.packbits(query_bits, axis=1)
-    ranking = mAP.Ranking(db_codes, bits, ties="index", device=device, threads=args.threads)
-    ranking.topk(query_codes[:4], k)  # warm: GPU start, first-touch pages
+    items = mAP.prepare_items(db_codes, bits, ties="index", device=device, threads=args.threads)
+    mAP.topk(items, query_codes[:4], k)  # warm: GPU start, first-touch pages
     tic = time.perf_counter()
-    rows, distances = ranking.topk(query_codes, k)
+    rows, distances = mAP.topk(items, query_codes, k)
     ours = time.perf_counter() - tic
     out = {"queries": num_query, "database": num_db, "bits": bits, "k": k, "ours_seconds": round(ours, 3),
            "ours_ms_per_query": round(1000 * ours / num_query, 4)}

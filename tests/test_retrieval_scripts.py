@@ -44,7 +44,7 @@ def test_map_writes_the_metrics_of_the_module(workdir):
     assert (result["num_database"], result["skipped_database"]) == (116, 4)
     (db_codes, db_labels, _), (q_codes, q_labels, _) = parts["db"], parts["query"]
     take = mAP.labelled(q_labels)
-    want = mAP.Ranking(db_codes, BITS, db_labels, take=mAP.labelled(db_labels)).evaluate(q_codes[take], q_labels[take], 50)
+    want = mAP.evaluate(mAP.prepare_items(db_codes, BITS, db_labels, take=mAP.labelled(db_labels)), q_codes[take], q_labels[take], 50)
     assert result["map_all"] == pytest.approx(want["map_all"], rel=1e-12)
     assert result["map_topk"] == pytest.approx(want["map_topk"], rel=1e-12)
     assert len(result["curves"]["precision_at_k"]) == 116 and len(result["curves"]["pr"]["precision"]) == BITS + 1
@@ -85,7 +85,7 @@ def test_query_writes_the_original_format_and_grows_the_radius(workdir):
     assert len(lines) == len(names)  # every query, labelled or not
     answer = json.loads((root / "result" / "query.json").read_text())
     db_codes, _, _ = parts["db"]
-    distances = mAP.Ranking(db_codes, BITS, ties="index").distances(parts["query"][0])  # database order
+    distances = mAP.hamming_distances(mAP.prepare_items(db_codes, BITS, ties="index"), parts["query"][0])  # database order
     for line, name, entry, row in zip(lines, names, answer["queries"], distances):
         head, tail = line.split(":", 1)
         assert head == name and tail.split(", ") == [r["name"] for r in entry["results"]]
@@ -117,6 +117,18 @@ def test_demo_draws_a_query_and_its_results(workdir):
     shutil.rmtree(root / "data" / "image")
     failed = run(script("demo.py"), "--bits", BITS, "--num", 0, cwd=root, check=False)
     assert failed.returncode == 2 and "--data-root" in failed.stderr
+
+
+def test_demo_titles_name_the_classes_prepare_data_recorded(tmp_path):
+    import database
+
+    meta = {"labels": ["0", "1", "bird"]}
+    (tmp_path / "prepare_data.json").write_text(json.dumps({"classes": {"0": "T-shirt/top", "1": "Trouser"}}))
+    names = database.class_names(tmp_path)
+    assert [database.label_text(meta, label, names) for label in (0, 1, 2, -1, 7)] == \
+        ["T-shirt/top", "Trouser", "bird", None, None]
+    assert database.label_text(meta, np.array([1, 0, 1], dtype=np.uint8), names) == "T-shirt/top,bird"
+    assert database.class_names(tmp_path / "absent") == {} and database.label_text(meta, 1) == "1"
 
 
 # ---------------------------------------------------------------------------------------------------------------
