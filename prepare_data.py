@@ -553,7 +553,7 @@ def load_folder(folder, args):
                         "arrange it as PATH/<class>/<image>")
     report_skipped(folder, skipped)
     classes = {token: name for name, token in tokens.items()}
-    return Prepared(classes, train, test, str(folder), {SKIPPED[why]: count for why, count in skipped.items()})
+    return Prepared(classes, train, test, str(folder), skipped={SKIPPED[why]: count for why, count in skipped.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
