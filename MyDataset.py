@@ -15,11 +15,11 @@ same uint8 form; the device does the rest in both cases.
 torch is imported inside the functions that use it, so prepare_data.py, which reads list files and images but
 runs no network, starts without it.
 """
+import copy
 import hashlib
 import math
 import os
 import re
-import shutil
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -363,11 +363,10 @@ class MyDataset:  # a map-style dataset for torch's DataLoader
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()), label, ""
 
 
-def loader(dataset, batch_size, workers, shuffle=False, generator=None, pin_memory=False):
+def loader(dataset, batch_size, workers):
+    """A DataLoader over dataset in order: workers decode and resize, the caller batches on."""
     import torch
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       generator=generator, pin_memory=pin_memory,
-                                       persistent_workers=False, drop_last=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,10 +447,6 @@ def _read_bad(path):
     return [(int(i), message) for i, message in rows]
 
 
-def clear_cache(folder):
-    shutil.rmtree(Path(folder) / ".cache", ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms: whole batches on the device
 
@@ -520,6 +515,21 @@ def total_memory_bytes():
         return 8 << 30
 
 
+class ImagePass:
+    """One pass over an ImageSource: iterate it for (images, labels, positions) batches on the device.
+
+    `bad` lists (entry index, message) for the images this pass found broken only when it decoded them (streaming
+    with skip_bad): they are left out of their batch. The source itself never changes; callers report these.
+    """
+
+    def __init__(self, batches):
+        self.bad = []
+        self._batches = batches(self.bad)
+
+    def __iter__(self):
+        return self._batches
+
+
 class ImageSource:
     """The images of one list, checked, decoded and ready to be served in batches of uint8 on the device.
 
@@ -527,7 +537,9 @@ class ImageSource:
     memory when it fits) so an epoch costs no decoding at all. cache=False streams through a DataLoader whose
     workers decode and resize; use it for collections too large for the cache's disk or memory.
     Images that fail (missing, empty, not an image, broken further in) are an error naming the file, or with
-    skip_bad are left out: `bad` lists them and `keep` holds the indices of the entries that take part.
+    skip_bad are left out: `bad` lists them and `keep` holds the indices of the entries that take part. Both are
+    fixed once the source is made; a streamed image that breaks only when decoded is reported by the pass
+    (ImagePass.bad).
     checked is check_images' (sizes, bad) when the caller read every list's headers before decoding any of them.
     """
 
@@ -563,8 +575,14 @@ class ImageSource:
     def __len__(self):
         return len(self.keep)
 
+    def first(self, count):
+        """The same source limited to its first count images: a new object, this one is unchanged."""
+        head = copy.copy(self)
+        head.keep = self.keep[:count]
+        return head
+
     def batches(self, batch_size, generator=None, rank=0, world_size=1, whole=False):
-        """Yield (images uint8 [B, H, W, 3], labels int64 [B], positions [B]) on the device.
+        """An ImagePass yielding (images uint8 [B, H, W, 3], labels int64 [B], positions [B]) on the device.
 
         positions index self.keep. generator (a CPU torch.Generator) shuffles; None keeps list order.
         Under torchrun each rank gets its share (batch_share): whole=False splits every batch of batch_size into
@@ -580,35 +598,42 @@ class ImageSource:
         else:
             plan = [positions[slice(*batch_share(len(positions), rank, world_size))] for positions in plan]
         plan = [positions for positions in plan if len(positions)]
-        labels = torch.from_numpy(self.labels[self.keep])
         if self.images is not None:
-            keep = torch.from_numpy(self.keep)
-            on_device = isinstance(self.images, torch.Tensor) and self.images.device == self.device
-            for positions in plan:
-                rows = keep[positions]
-                if on_device:
-                    images = self.images[rows.to(self.device)]
-                elif isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order, then batch order
-                    sorted_rows, back = np.unique(rows.numpy(), return_inverse=True)
-                    images = torch.from_numpy(self.images[sorted_rows][back])
-                else:
-                    images = self.images[rows]
-                if self.device.type == "cuda" and not on_device:
-                    images = images.pin_memory()
-                yield (images.to(self.device, non_blocking=True), labels[positions].to(self.device, non_blocking=True),
-                       positions)
-            return
+            return ImagePass(lambda bad: self._cached_batches(plan))
+        return ImagePass(lambda bad: self._streamed_batches(plan, bad))
+
+    def _cached_batches(self, plan):
+        import torch
+        labels = torch.from_numpy(self.labels[self.keep])
+        keep = torch.from_numpy(self.keep)
+        on_device = isinstance(self.images, torch.Tensor) and self.images.device == self.device
+        for positions in plan:
+            rows = keep[positions]
+            if on_device:
+                images = self.images[rows.to(self.device)]
+            elif isinstance(self.images, np.ndarray):  # memory-mapped: read rows in file order, then batch order
+                sorted_rows, back = np.unique(rows.numpy(), return_inverse=True)
+                images = torch.from_numpy(self.images[sorted_rows][back])
+            else:
+                images = self.images[rows]
+            if self.device.type == "cuda" and not on_device:
+                images = images.pin_memory()
+            yield (images.to(self.device, non_blocking=True), labels[positions].to(self.device, non_blocking=True),
+                   positions)
+
+    def _streamed_batches(self, plan, bad):
+        """Batches decoded by DataLoader workers; images that break here go to bad, or stop the run without skip_bad."""
+        import torch
         dataset = MyDataset(self.folder, [self.entries[i] for i in self.keep], self.labels[self.keep], self.size)
         batch_sampler = [positions.tolist() for positions in plan]
         stream = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda")
-        late_bad = {}  # entry index -> message, for images whose data broke only when decoded here
         for positions, (images, batch_labels, errors) in zip(batch_sampler, stream):
             failed = [k for k, message in enumerate(errors) if message]
             if failed and not self.skip_bad:
                 raise UserError(f"{errors[failed[0]]}; fix or remove it, or pass --skip-bad")
-            if failed:  # left out of this batch, and of `keep` once the pass is over
-                late_bad.update({int(self.keep[positions[k]]): errors[k] for k in failed})
+            if failed:  # left out of this batch and reported by the pass
+                bad.extend((int(self.keep[positions[k]]), errors[k]) for k in failed)
                 good = torch.tensor([not message for message in errors])
                 images, batch_labels = images[good], batch_labels[good]
                 positions = [p for p, ok in zip(positions, good.tolist()) if ok]
@@ -616,6 +641,3 @@ class ImageSource:
                     continue
             yield (images.to(self.device, non_blocking=True), batch_labels.to(self.device, non_blocking=True),
                    torch.tensor(positions, dtype=torch.int64))
-        if late_bad:
-            self.bad = sorted({**late_bad, **dict(self.bad)}.items())
-            self.keep = np.array([i for i in self.keep if i not in late_bad], dtype=np.int64)

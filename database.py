@@ -45,7 +45,6 @@ from stage import (UserError, common_args_parser, elapsed, give_user_mode, non_n
                    refuse_json_constant, run_main, sha256_file, to_json, write_error, write_text)
 
 FORMAT = 1
-FILES = ("binary.npy", "label.npy", "feature.npy", "names.txt")
 
 
 def get_args_parser():
@@ -71,34 +70,36 @@ def get_args_parser():
 # Encoding
 
 
-def encode(model, checkpoint, source, device, batch_size):
-    """Codes and fc7 for every image of an ImageSource: (packed uint8 [N, ceil(bits/8)], float16 [N, 4096]).
+def encode(model, model_args, source, device, batch_size):
+    """Codes and fc7 for every image of an ImageSource, in list order: (packed uint8 [N, ceil(bits/8)],
+    float16 [N, 4096], the entry indices encoded int64 [N], every bad image [(entry index, message)]).
 
-    N is len(source) (bad images left out), in list order. Streaming (--no-cache --skip-bad) can find an image
-    broken only when decoded: its row is dropped here, as the source drops it from source.keep.
+    N is len(source) less the images that streaming (--no-cache --skip-bad) found broken only when decoded; those
+    join source.bad in what is returned.
     """
-    positions, codes, features = encode_share(model, checkpoint, source, device, batch_size)
-    return codes, features
+    positions, codes, features, late_bad = encode_share(model, model_args, source, device, batch_size)
+    return codes, features, source.keep[positions], sorted(source.bad + late_bad)
 
 
 @torch.no_grad()
-def encode_share(model, checkpoint, source, device, batch_size, rank=0, world_size=1):
-    """(positions int64 [n], codes uint8 [n, ceil(bits/8)], fc7 float16 [n, 4096]) for this rank's whole batches.
+def encode_share(model, model_args, source, device, batch_size, rank=0, world_size=1):
+    """(positions int64 [n], codes uint8 [n, ceil(bits/8)], fc7 float16 [n, 4096], bad) for this rank's whole batches.
 
-    positions index source.keep as it was before encoding, in increasing order. Under torchrun every rank encodes
+    positions index source.keep, in increasing order; bad lists the images this pass found broken when decoded. Under torchrun every rank encodes
     whole batches of the single-process run (ImageSource.batches whole=True): on the CPU a float result depends on
     how its batch is composed, so the gathered database is byte-identical to a single process's.
     """
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    codes = np.zeros((len(source), (checkpoint["bits"] + 7) // 8), dtype=np.uint8)
+    codes = np.zeros((len(source), (model_args["bits"] + 7) // 8), dtype=np.uint8)
     features = np.zeros((len(source), 4096), dtype=np.float16)
     encoded = np.zeros(len(source), dtype=bool)
     bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1,
                          disable=rank != 0)
-    for images, _, positions in source.batches(batch_size, rank=rank, world_size=world_size, whole=True):
-        x = MyDataset.eval_transform(images, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
+    batches = source.batches(batch_size, rank=rank, world_size=world_size, whole=True)
+    for images, _, positions in batches:
+        x = MyDataset.eval_transform(images, model_args["img_size"], model_args["mean"], model_args["std"])
         with autocast(device):
             sigmoid, _, fc7 = model(x)
         rows = positions.numpy()
@@ -108,14 +109,14 @@ def encode_share(model, checkpoint, source, device, batch_size, rank=0, world_si
         encoded[rows] = True
         bar.update(len(rows) * world_size)
     bar.close()
-    return np.flatnonzero(encoded), codes[encoded], features[encoded]
+    return np.flatnonzero(encoded), codes[encoded], features[encoded], batches.bad
 
 
-def encode_part(model, checkpoint, source, ranks, batch_size):
+def encode_part(model, model_args, source, ranks, batch_size):
     """Every rank encodes its batches of one list; rank 0 gets (codes, labels, features, names, bad), others None."""
-    keep = source.keep.copy()  # positions index it; streaming may drop late-broken images from source.keep
-    share = encode_share(model, checkpoint, source, ranks.device, batch_size, ranks.rank, ranks.world_size)
-    shares = gather_to_main(ranks, (*share, source.bad))
+    keep = source.keep  # positions index it
+    *share, late_bad = encode_share(model, model_args, source, ranks.device, batch_size, ranks.rank, ranks.world_size)
+    shares = gather_to_main(ranks, (*share, source.bad + late_bad))
     if not ranks.is_main:
         return None
     positions = np.concatenate([positions for positions, _, _, _ in shares])
@@ -141,14 +142,20 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
     """
     model_path = model_for_database(folder, meta, model)
     network, checkpoint = load_model(model_path, int(meta["bits"]))
+    keep, codes, features, bad = encode_files(network, checkpoint["model_args"], files, device, batch_size, skip_bad)
+    refuse_non_finite(features, model_path, int(meta["bits"]))
+    return [files[i] for i in keep], codes, features, bad
+
+
+def encode_files(network, model_args, files, device, batch_size, skip_bad=False):
+    """Image files encoded with a loaded model (serve.py loads it once): (indices of files kept, codes, fc7, bad)."""
     entries = [MyDataset.Entry(str(path.resolve()), None, n) for n, path in enumerate(files, start=1)]
     # absolute paths: Path(cwd) / path is the path; cache=False writes nothing beside the user's images
-    source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), checkpoint["img_size"],
+    source = MyDataset.ImageSource(Path.cwd(), entries, np.full(len(entries), -1), model_args["img_size"],
                                    "query_images", workers=0 if len(entries) < 512 else 2, skip_bad=skip_bad,
                                    cache=False, device=device)
-    codes, features = encode(network, checkpoint, source, device, batch_size)
-    refuse_non_finite(features, model_path, checkpoint["bits"])
-    return [files[i] for i in source.keep], codes, features, source.bad
+    codes, features, kept, bad = encode(network, model_args, source, device, batch_size)
+    return kept, codes, features, bad
 
 
 def known_labels(image_folder, strict_paths=False):
@@ -247,8 +254,8 @@ def write_files(tmp, out, parts, meta):
 
 
 @dataclass
-class Split:
-    """One side of the database: the encoded database items or the queries."""
+class EncodedImages:
+    """One side of the database, as load_split reads it: the codes, labels, names and fc7 of the items or the queries."""
     codes: np.ndarray  # uint8 [N, ceil(bits/8)]
     labels: np.ndarray  # int64 [N], -1 unknown; multi-label: bool [N, C], a row of False unknown
     names: list
@@ -449,11 +456,11 @@ def load_split(generation, part, meta, features=False):
         if feats.shape[1] != width or feats.shape[1] == 0:
             raise generation.corrupt(f"{part}_feature.npy", f"{feats.shape[1]} features a row, meta.json says {width}")
         check_finite(generation, f"{part}_feature.npy", feats)
-    return Split(codes, labels, names, feats)
+    return EncodedImages(codes, labels, names, feats)
 
 
 def load_database(folder, bits, features=False):
-    """(db Split, query Split, meta): what mAP.py, search.py, query.py and demo.py read.
+    """(db EncodedImages, query EncodedImages, meta): what mAP.py, search.py, query.py and demo.py read.
 
     Features are memory-mapped and only read when asked for (features=True). All files come from one generation
     of the folder, or the read stops with CHANGED (database.py swapped a new one in meanwhile).
@@ -488,6 +495,18 @@ def label_text(meta, label, class_names=None):
     indices = np.flatnonzero(label) if label.ndim == 1 else [int(label)]
     known = [str(tokens[i]) for i in indices if 0 <= i < len(tokens)]
     return ",".join(class_names.get(token, token) for token in known) or None
+
+
+def query_answer(name, label, found, db, meta):
+    """One query's answer as query.json and serve.py's API give it: r', candidates, each result's distances.
+
+    found: one of mAP.coarse_to_fine's dicts (rows, hamming, euclidean, radius, candidates).
+    """
+    return {"query": name, "label": label_text(meta, label), "radius": found["radius"],
+            "candidates": found["candidates"],
+            "results": [{"name": db.names[row], "index": int(row), "label": label_text(meta, db.labels[row]),
+                         "hamming": int(h), "euclidean": round(float(e), 4)}
+                        for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
 
 
 def class_names(data_root):
@@ -529,7 +548,7 @@ def main():
         build_database(args, ranks)
 
 
-def retrieval_sources(args, checkpoint, ranks):
+def retrieval_sources(args, net_args, ranks):
     """({'db': ImageSource of data/image/list.txt, 'query': of data/query/list.txt}, label names by index, label_kind).
 
     Under torchrun local rank 0 of each machine builds the decoded caches while the others wait, then they read them.
@@ -537,7 +556,7 @@ def retrieval_sources(args, checkpoint, ranks):
     image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
     db_entries = MyDataset.read_list(image_folder / "list.txt", need_label=False, strict_paths=args.strict_paths)
     query_entries = MyDataset.read_list(query_folder / "list.txt", need_label=False, strict_paths=args.strict_paths)
-    db_labels, query_labels, every, label_kind = retrieval_labels(db_entries, query_entries, checkpoint["classes"],
+    db_labels, query_labels, every, label_kind = retrieval_labels(db_entries, query_entries, net_args["classes"],
                                                                   known_labels(image_folder, args.strict_paths))
     # every header in both lists is checked before either list is decoded or its first batch encoded
     lists = (("db", image_folder, db_entries, db_labels), ("query", query_folder, query_entries, query_labels))
@@ -545,7 +564,7 @@ def retrieval_sources(args, checkpoint, ranks):
     sources = {}
     with local_main_first(ranks):
         for part, folder, entries, labels in lists:
-            sources[part] = MyDataset.ImageSource(folder, entries, labels, checkpoint["img_size"], f"{part}_list",
+            sources[part] = MyDataset.ImageSource(folder, entries, labels, net_args["img_size"], f"{part}_list",
                                                   args.workers, args.skip_bad, not args.no_cache, ranks.device,
                                                   checked=checked[part])
     return sources, every, label_kind
@@ -563,11 +582,14 @@ def build_database(args, ranks):
 
     # rank 0 reads the model and sends it to every rank: the model folder need not be shared between machines
     model_path, checkpoint = from_main(ranks, read_model)
-    model = build_model(checkpoint).eval()
-    sources, every, label_kind = retrieval_sources(args, checkpoint, ranks)
+    net_args = checkpoint["model_args"]
+    model = build_model(net_args)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    sources, every, label_kind = retrieval_sources(args, net_args, ranks)
     parts, bad = {}, []
     for part, source in sources.items():
-        encoded = encode_part(model, checkpoint, source, ranks, args.batch_size)
+        encoded = encode_part(model, net_args, source, ranks, args.batch_size)
         if ranks.is_main:
             refuse_non_finite(encoded[2], model_path, args.bits)
             parts[part] = encoded[:4]
@@ -578,10 +600,11 @@ def build_database(args, ranks):
         write_text(Path(args.result) / "bad_images.txt", "".join(message + "\n" for message in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(args.result) / 'bad_images.txt'}")
     meta = {
-        "format": FORMAT, "bits": checkpoint["bits"], "model": str(model_path), "model_abspath": str(model_path.resolve()),
+        "format": FORMAT, "bits": net_args["bits"], "model": str(model_path), "model_abspath": str(model_path.resolve()),
         "model_sha256": sha256_file(model_path),
-        "labels": every, "label_kind": label_kind, "protocol": data_protocol(args.data_root), "num_classes_trained": len(checkpoint["classes"]), "img_size": checkpoint["img_size"],
-        "mean": checkpoint["mean"], "std": checkpoint["std"], "recipe": checkpoint.get("recipe"),
+        "labels": every, "label_kind": label_kind, "protocol": data_protocol(args.data_root),
+        "num_classes_trained": len(net_args["classes"]), "img_size": net_args["img_size"],
+        "mean": net_args["mean"], "std": net_args["std"], "recipe": net_args["recipe"],
         "feature_dim": int(parts["db"][2].shape[1]),
         "num_database": len(parts["db"][0]), "num_queries": len(parts["query"][0]), "skipped_bad": len(bad),
         "device": str(ranks.device), "world_size": ranks.world_size, "seconds": elapsed(started),

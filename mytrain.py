@@ -3,13 +3,19 @@
     python mytrain.py --bits 48                                      # ImageNet-initialised, as in DLBHC
     python mytrain.py --bits 48 --pretrained none --img-size 64 --device cpu --epochs 8    # the CPU quick mode
     python mytrain.py --bits 48 --resume                             # continue the last interrupted 48-bit run
+    python mytrain.py --bits 48 --precision fp32                     # no autocast (default auto: bf16 on CUDA, fp32 on the CPU)
     torchrun --nproc-per-node 8 mytrain.py --bits 48                 # 8 GPUs; --batch-size is the global batch
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT mytrain.py --bits 48
 
 The finished model is saved as model/<bits>bits_<test accuracy %>.pt (e.g. model/48bits_91.37.pt, with _2, _3
 where the name is taken), its per-epoch metrics beside it as <same name>.jsonl. While a run is going, its state
 after each completed epoch is model/<bits>bits_<start time>.resume: not a .pt, so no stage takes it for a model.
-Under torchrun rank 0 alone writes these files (README, Several GPUs and machines).
+Both are checkpoints of net.py's one shape (net.save_checkpoint). Under torchrun rank 0 alone writes these files
+(README, Several GPUs and machines).
+
+With --resume, a flag that differs from the interrupted run either takes effect with a printed line (a larger
+--epochs, and the flags of RESUME_MAY_CHANGE: where and how the run goes, not what it trains) or stops the run
+with exit status 2 naming it.
 
 Multi-label lists (an image with two labels or more, MyDataset.read_list) train the classifier with sigmoid binary
 cross-entropy, and the accuracy is then "the top-scoring class is among the image's labels"; the checkpoint stores
@@ -24,14 +30,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import MyDataset
-from net import (IMAGENET_MEAN, IMAGENET_STD, RECIPES, AlexNetPlusLatent, all_reduce_sum, autocast, broadcast_buffers,
-                 distributed_args_parser, distributed_run, from_main, load_pretrained, local_main_first, model_name,
-                 safe_load, save_checkpoint, setup_ranks, unwrapped_state_dict, wrap_for_ranks)
-from stage import (UserError, atomic_write, common_args_parser, fraction, int_in, non_negative_float, non_negative_int,
-                   positive_float, positive_int, print_args, run_main, seed_int, to_json, write_text)
+from net import (IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, RECIPES, all_reduce_sum, autocast, broadcast_buffers, build_model,
+                 distributed_args_parser, distributed_run, from_main, hashing_loss, load_pretrained, local_main_first,
+                 model_args, model_name, read_checkpoint, save_checkpoint, setup_ranks, uses_bf16, wrap_for_ranks,
+                 cpu_has_native_bf16)
+from stage import (UserError, common_args_parser, fraction, int_in, non_negative_float, non_negative_int, positive_float,
+                   positive_int, print_args, run_main, seed_int, to_json, write_text)
+
+# flags that say where and how a run goes, not what it trains: a resumed run takes them as given now
+RESUME_MAY_CHANGE = ("data_root", "device", "debug", "workers", "model_dir", "result", "skip_bad", "no_cache", "compile",
+                     "precision", "dist_timeout", "strict_paths")
 
 
 def get_args_parser():
@@ -72,6 +82,9 @@ def get_args_parser():
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; costs compile time up front)")
     parser.add_argument("--strict-paths", action="store_true",
                         help="refuse list entries outside data/image (absolute paths, ..) instead of warning")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the training step's autocast; auto: bf16 on CUDA, fp32 on the CPU (bf16 measured slower "
+                             "there, README); evaluation and encoding keep the device's default (default: %(default)s)")
     return parser
 
 
@@ -118,23 +131,6 @@ def learning_rate(step, steps_per_epoch, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def hashing_loss(codes, logits, labels, args):
-    """DLBHC's cross-entropy on the classifier, plus SSDH's optional binarisation and bit-balance terms.
-
-    Multi-label data (labels [B, C] multi-hot) takes sigmoid binary cross-entropy, one term per class.
-    """
-    if labels.ndim == 2:
-        targets = labels.float() * (1 - args.label_smoothing) + args.label_smoothing / 2
-        loss = F.binary_cross_entropy_with_logits(logits, targets)
-    else:
-        loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
-    if args.binarize:
-        loss = loss - args.binarize * (codes - 0.5).pow(2).mean()  # [B, bits]: larger when outputs sit near 0 or 1
-    if args.balance:
-        loss = loss + args.balance * (codes.mean(0) - 0.5).pow(2).mean()  # each bit on for half the batch
-    return loss
-
-
 ACCURACY = {"single": "top-1: the top-scoring class is the image's label",
             "multi": "top-1: the top-scoring class is among the image's labels"}
 
@@ -149,20 +145,96 @@ def top1_correct(logits, labels):
 
 @torch.no_grad()
 def accuracy(model, source, img_size, ranks, batch_size):
-    """Top-1 accuracy of the classifier on a whole ImageSource (eval transform), as ACCURACY defines it, each rank
-    counting its batches."""
+    """(Top-1 accuracy of the classifier on a whole ImageSource (eval transform) as ACCURACY defines it, each rank
+    counting its batches; the images this rank's pass found bad)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=ranks.device)
-    for images, labels, _ in source.batches(batch_size * 2, rank=ranks.rank, world_size=ranks.world_size, whole=True):
+    batches = source.batches(batch_size * 2, rank=ranks.rank, world_size=ranks.world_size, whole=True)
+    for images, labels, _ in batches:
         with autocast(ranks.device):
             _, logits, _ = model(MyDataset.eval_transform(images, img_size, IMAGENET_MEAN, IMAGENET_STD))
         correct += top1_correct(logits, labels)
-    return all_reduce_sum(correct, ranks).item() / len(source)
+    return all_reduce_sum(correct, ranks).item() / len(source), batches.bad
 
 
 def find_resume(model_dir, bits):
     runs = sorted(Path(model_dir).glob(f"{bits}bits_*.resume"), key=lambda p: p.stat().st_mtime_ns)
     return runs[-1] if runs else None
+
+
+def given_flags(argv=None):
+    """{dest: value} of the flags on the command line alone: the parser again, with every default suppressed."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def flag_text(flag, value):
+    option = "--" + flag.replace("_", "-")
+    return option if isinstance(value, bool) else f"{option} {value}"
+
+
+def saved_args_problem(saved):
+    """The first flag of a resume state's args whose value this parser would never produce, or None."""
+    actions = {action.dest: action for action in get_args_parser()._actions}
+    for flag, value in saved.items():
+        action = actions.get(flag)
+        if action is None or (value is None and action.default is None):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            fits = isinstance(value, bool)
+        elif action.type in (int, float):
+            fits = (isinstance(value, action.type) or action.type is float and isinstance(value, int)) \
+                and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            fits = isinstance(value, str)
+        if not fits or (action.choices and value not in action.choices):
+            return flag_text(flag, repr(value)[:40])
+    return None
+
+
+def read_resume(model_dir, bits):
+    """(path, state) of the newest interrupted run with these bits, every field checked."""
+    resume_path = find_resume(model_dir, bits)
+    if resume_path is None:
+        raise UserError(f"nothing to resume: no interrupted {bits}-bit run in {model_dir}/ "
+                        f"(start one with: python mytrain.py --bits {bits})")
+    state = read_checkpoint(resume_path, "a resume state written by mytrain.py (delete it and start afresh)")
+    problem = None if "args" not in state else saved_args_problem(state["args"])
+    if problem or not {"args", "epoch", "optimizer", "generator", "train_seconds", "run_stem"} <= state.keys():
+        raise UserError(f"{resume_path} is not a resume state written by mytrain.py ({problem or 'a field is missing'}); "
+                        "delete it and start afresh")
+    return resume_path, state
+
+
+def resumed_args(args, ranks):
+    """(args, state): with --resume, the interrupted run's args with what the flags given now may change, and its
+    state; else (args, None). A flag given now that differs from the run's takes effect with a printed line, or
+    stops with exit status 2. Rank 0 reads the .resume file and sends it to every rank.
+    """
+    if not args.resume:
+        return args, None
+    resume_path, state = from_main(ranks, lambda: read_resume(Path(args.model_dir), args.bits))
+    given = given_flags()
+    say = print if ranks.is_main else (lambda *_: None)
+    completed = state["epoch"] + 1  # state["epoch"]: 0-based index of the last completed epoch
+    saved = {flag: value for flag, value in state["args"].items() if flag in vars(args)}  # flags since removed go
+    merged = {**vars(args), **saved, "resume": True}  # flags added since the run began keep their defaults
+    for flag, value in sorted(given.items()):
+        if flag in ("bits", "resume") or value == saved.get(flag, value):
+            continue
+        if flag not in RESUME_MAY_CHANGE and flag != "epochs":
+            raise UserError(f"{flag_text(flag, value)} differs from the run being resumed ({resume_path} has "
+                            f"{flag_text(flag, saved[flag])}); leave it out, or start a new run without --resume")
+        if flag == "epochs" and value <= completed:
+            raise UserError(f"--epochs {value}: the run being resumed has completed {completed} epoch(s); "
+                            "give more, or leave --epochs out")
+        say(f"{flag_text(flag, value)} takes effect (the run began with {flag_text(flag, saved.get(flag))})"
+              + (": the learning-rate schedule now ends at that epoch" if flag == "epochs" else ""))
+        merged[flag] = value
+    say(f"resuming {resume_path} from epoch {completed + 1} of {merged['epochs']} ({completed} completed)")
+    return argparse.Namespace(**merged), state
 
 
 def training_lists(args):
@@ -204,45 +276,59 @@ def _train_sources(args, lists, device):
     return train, test
 
 
-def report_bad(sources, result_dir):
-    """Write result/bad_images.txt and say how many images --skip-bad left out; returns that number."""
-    bad = [message for source in sources for _, message in source.bad]
+def report_bad(sources, result_dir, late=()):
+    """Write result/bad_images.txt and say how many images --skip-bad left out.
+
+    late: messages of streamed images that broke only when decoded, as the passes reported them.
+    """
+    bad = [message for source in sources for _, message in source.bad] + list(late)
     if bad:
         write_text(Path(result_dir) / "bad_images.txt", "".join(m + "\n" for m in bad))
         print(f"skipped {len(bad)} unreadable image(s), listed in {Path(result_dir) / 'bad_images.txt'}")
-    return len(bad)
 
 
-def resumed_args(args, ranks):
-    """(args, state): the interrupted run's arguments and state when --resume, else (args, None).
-
-    Rank 0 reads the .resume file and sends it to every rank, so the model folder need not be shared.
-    """
-    if not args.resume:
-        return args, None
-    resume_path, state = from_main(ranks, lambda: read_resume(Path(args.model_dir), args.bits))
-    kept = {k: getattr(args, k) for k in ("device", "workers", "debug", "resume", "dist_timeout", "strict_paths")}
-    args = argparse.Namespace(**{**state["args"], **kept})
-    # state["epoch"] is the 0-based index of the last completed epoch; the log counts from 1
-    if ranks.is_main:
-        print(f"resuming {resume_path} from epoch {state['epoch'] + 2} of {args.epochs} "
-              f"({state['epoch'] + 1} completed)")
-    return args, state
+def network_args(args, classes, state):
+    """The model_args of this run; a resumed run must find the training classes it began with."""
+    net_args = model_args(args.bits, classes, args.img_size, args.recipe, args.dropout)
+    if state is not None and state["model_args"]["classes"] != net_args["classes"]:
+        raise UserError(f"the classes of {Path(args.data_root) / 'image/trainlist.txt'} differ from those of the run "
+                        "being resumed; resume with the data it began with (--data-root), or start a new run")
+    return net_args
 
 
-def read_resume(model_dir, bits):
-    resume_path = find_resume(model_dir, bits)
-    if resume_path is None:
-        raise UserError(f"nothing to resume: no interrupted {bits}-bit run in {model_dir}/ "
-                        f"(start one with: python mytrain.py --bits {bits})")
-    state = safe_load(resume_path, "a resume state written by mytrain.py (delete it and start afresh)")
-    if not isinstance(state, dict) or not {"args", "epoch", "state_dict", "optimizer"} <= state.keys():
-        raise UserError(f"{resume_path} is not a resume state written by mytrain.py; delete it and start afresh")
-    return resume_path, state
+def restore_run(state, model, optimizer, generator, model_dir, bits, is_main=True):
+    """(first epoch to run, training seconds so far, run stem): a new run's, or the resumed run's restored from state."""
+    if state is None:
+        return 0, 0.0, time.strftime(f"{bits}bits_%Y%m%d-%H%M%S")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    start_epoch = state["epoch"] + 1
+    log_path = Path(model_dir) / f"{state['run_stem']}.jsonl"
+    if is_main and log_path.exists():  # a kill after an epoch's log line but before its resume state
+        kept_lines = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                      if line.endswith("\n") and json.loads(line)["epoch"] <= start_epoch]
+        write_text(log_path, "".join(kept_lines))
+    return start_epoch, state["train_seconds"], state["run_stem"]
+
+
+def save_model(model, net_args, args, results, run_stem):
+    """model/<bits>bits_<accuracy>.pt with the epochs' log beside it; the run's resume state goes."""
+    model_dir = Path(args.model_dir)
+    path = model_name(model_dir, args.bits, results["test_accuracy"])
+    save_checkpoint(path, model, net_args, pretrained=args.pretrained, epoch=args.epochs, **results,
+                    time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), args=vars(args))
+    log_path = model_dir / f"{run_stem}.jsonl"
+    if log_path.exists():
+        os.replace(log_path, path.with_suffix(".jsonl"))
+    (model_dir / f"{run_stem}.resume").unlink(missing_ok=True)
+    print(json.dumps({"model": str(path), "test_accuracy": round(results["test_accuracy"], 5),
+                      "train_seconds": round(results["train_seconds"], 1)}))
 
 
 def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks):
-    """One pass over train; returns (summed loss, correct count) over every rank's images, on every rank.
+    """One pass over train; returns (summed loss, correct count) over every rank's images, on every rank, and the
+    images this rank's pass found bad.
 
     Each rank takes its contiguous piece of every global batch of --batch-size. Its loss is scaled by its share of
     the batch times the world size, so the gradients DDP averages are those of the whole batch: the learning-rate
@@ -252,7 +338,8 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     loss_sum = torch.zeros((), device=ranks.device)
     correct = torch.zeros((), dtype=torch.int64, device=ranks.device)
-    bar = MyDataset.tqdm(train.batches(args.batch_size, generator, ranks.rank, ranks.world_size), total=steps_per_epoch,
+    batches = train.batches(args.batch_size, generator, ranks.rank, ranks.world_size)
+    bar = MyDataset.tqdm(batches, total=steps_per_epoch,
                          leave=False, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", disable=not ranks.is_main)
     for i, (images, labels, _) in enumerate(bar):
         batch = min(args.batch_size, len(train) - i * args.batch_size)  # this step's global batch
@@ -264,9 +351,9 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
             group["lr"] = learning_rate(step, steps_per_epoch, args) * group["lr_scale"]
         start, stop = MyDataset.batch_share(batch, ranks.rank, ranks.world_size)
         x = MyDataset.train_transform(images, args.img_size, IMAGENET_MEAN, IMAGENET_STD, generator, rows=(start, stop, batch))
-        with autocast(ranks.device):
+        with autocast(ranks.device, args.precision):
             codes, logits, _ = step_model(x)
-        loss = hashing_loss(codes.float(), logits.float(), labels, args)
+        loss = hashing_loss(codes.float(), logits.float(), labels, args.label_smoothing, args.binarize, args.balance)
         optimizer.zero_grad(set_to_none=True)
         (loss * ((stop - start) * ranks.world_size / batch)).backward()
         optimizer.step()
@@ -274,7 +361,7 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
         correct += top1_correct(logits, labels)
         if i % 20 == 19:  # the only host synchronisation in the loop
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    return all_reduce_sum(loss_sum, ranks), all_reduce_sum(correct, ranks)
+    return all_reduce_sum(loss_sum, ranks), all_reduce_sum(correct, ranks), batches.bad
 
 
 def write_epoch(record, log_path, resume_path, resume_state):
@@ -283,7 +370,7 @@ def write_epoch(record, log_path, resume_path, resume_state):
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(to_json(record) + "\n")
-    atomic_write(resume_path, lambda tmp: torch.save(resume_state, tmp))
+    save_checkpoint(resume_path, **resume_state)
 
 
 def main():
@@ -304,70 +391,59 @@ def train_model(args, ranks):
     np.random.seed(args.seed)
 
     lists = training_lists(args)
-    classes = lists[-1]
-    model = AlexNetPlusLatent(args.bits, len(classes), args.recipe, args.dropout)
+    net_args = network_args(args, lists[-1], state)
+    model = build_model(net_args)
     if state is None:  # before any decoding: missing weights are known in seconds
         load_pretrained(model, args.pretrained)
     train, test = train_sources(args, lists, ranks)
-    bad_count = report_bad((train, test), args.result) if ranks.is_main else 0
+    if ranks.is_main:
+        report_bad((train, test), args.result)
+    late_bad = {}  # message -> None, in the order found: every pass meets a streamed bad image again
 
     model = model.to(device)
-    if device.type == "cuda":
+    bf16 = uses_bf16(device, args.precision)
+    if device.type == "cuda" or bf16:  # NHWC: the layout of cuDNN's and oneDNN's fast bf16 convolutions
         model = model.to(memory_format=torch.channels_last)
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16() and ranks.is_main:
+        print("note: --precision bf16 on a CPU without native bf16 (AVX512_BF16/AMX) is emulated and slower than fp32")
     optimizer = make_optimizer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
-    start_epoch, train_seconds = 0, 0.0
-    run_stem = time.strftime(f"{args.bits}bits_%Y%m%d-%H%M%S")
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start_epoch, train_seconds, run_stem = state["epoch"] + 1, state["train_seconds"], state["run_stem"]
+    start_epoch, train_seconds, run_stem = restore_run(state, model, optimizer, generator, model_dir, args.bits,
+                                                       ranks.is_main)
     resume_path = model_dir / f"{run_stem}.resume"
     log_path = model_dir / f"{run_stem}.jsonl"
-    if ranks.is_main and state is not None and log_path.exists():  # a kill after an epoch's log line, before its state
-        kept_lines = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
-                      if line.endswith("\n") and json.loads(line)["epoch"] <= start_epoch]
-        write_text(log_path, "".join(kept_lines))
     step_model = wrap_for_ranks(model, ranks)
     step_model = torch.compile(step_model) if args.compile else step_model
 
     test_accuracy = None
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.perf_counter()
-        loss_sum, correct = train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
+        loss_sum, correct, train_bad = train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
         seconds = time.perf_counter() - epoch_start
         train_seconds += seconds
         broadcast_buffers(model, ranks)
-        test_accuracy = accuracy(model, test, args.img_size, ranks, args.batch_size)
+        test_accuracy, test_bad = accuracy(model, test, args.img_size, ranks, args.batch_size)
+        late_bad.update(dict.fromkeys(message for _, message in train_bad + test_bad))
         record = {"epoch": epoch + 1, "loss": round(loss_sum.item() / len(train), 5),
                   "train_accuracy": round(correct.item() / len(train), 5), "test_accuracy": round(test_accuracy, 5),
                   "seconds": round(seconds, 2), "images_per_second": round(len(train) / seconds, 1)}
         if ranks.is_main:
-            resume_state = {"state_dict": unwrapped_state_dict(model), "optimizer": optimizer.state_dict(),
+            resume_state = {"model": model, "net_args": net_args, "optimizer": optimizer.state_dict(),
                             "generator": generator.get_state(), "epoch": epoch, "train_seconds": train_seconds,
                             "run_stem": run_stem, "args": vars(args)}
             write_epoch(record, log_path, resume_path, resume_state)
 
     if test_accuracy is None:  # resumed a run whose last epoch had completed: measure it again
-        test_accuracy = accuracy(model, test, args.img_size, ranks, args.batch_size)
+        test_accuracy, test_bad = accuracy(model, test, args.img_size, ranks, args.batch_size)
+        late_bad.update(dict.fromkeys(message for _, message in test_bad))
     if not ranks.is_main:
         return
-    if sum(len(source.bad) for source in (train, test)) > bad_count:  # streamed images that broke when decoded
-        report_bad((train, test), args.result)
-    path = model_name(model_dir, args.bits, test_accuracy)
+    if late_bad:
+        report_bad((train, test), args.result, late_bad)
     label_kind = "multi" if train.labels.ndim == 2 else "single"
-    save_checkpoint(path, model, bits=args.bits, classes=classes, label_kind=label_kind,
-                    accuracy_definition=ACCURACY[label_kind], img_size=args.img_size, mean=list(IMAGENET_MEAN),
-                    std=list(IMAGENET_STD), recipe=args.recipe, dropout=args.dropout, pretrained=args.pretrained,
-                    epoch=args.epochs, test_accuracy=test_accuracy, train_seconds=round(train_seconds, 2),
-                    device=str(device), world_size=ranks.world_size, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    args=vars(args))
-    if log_path.exists():
-        os.replace(log_path, path.with_suffix(".jsonl"))
-    resume_path.unlink(missing_ok=True)
-    print(json.dumps({"model": str(path), "test_accuracy": round(test_accuracy, 5),
-                      "train_seconds": round(train_seconds, 1)}))
+    save_model(model, net_args, args, {"test_accuracy": test_accuracy, "train_seconds": round(train_seconds, 2),
+                                       "device": str(device), "world_size": ranks.world_size, "label_kind": label_kind,
+                                       "accuracy_definition": ACCURACY[label_kind]}, run_stem)
 
 
 if __name__ == "__main__":

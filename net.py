@@ -4,25 +4,35 @@ AlexNetPlusLatent (Lin et al., CVPR 2015 workshops): AlexNet's conv layers, fc6 
 `bits` sigmoid units and a classifier on top of it. Thresholding the latent sigmoid at 0.5 gives the binary hash
 code; fc7 is the feature for coarse-to-fine re-ranking.
 
-This module also picks the device and autocast for every stage, and saves, loads and finds checkpoints. The error
-contract, shared flags and atomic writes live in stage.py.
+This module also holds the training loss, picks the device and autocast for every stage, and saves, loads and finds
+checkpoints. A checkpoint (a finished model/*.pt or a run's .resume state) is one dict, written by save_checkpoint:
+    format        2
+    model_args    bits, classes, img_size, mean, std, recipe, dropout: all that rebuilds the network (build_model)
+    model         the state_dict of the unwrapped module
+    ...           the run's metadata: args, epoch, test_accuracy, train_seconds, device, time, pretrained; a .resume
+                  state adds optimizer, generator and run_stem
+Files of format 1 (model/*.pt before model_args existed) load as they are. The error contract, shared flags and
+atomic writes live in stage.py.
 
 Importing it does nothing: no download, no file written, no CUDA initialised.
 """
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import pickle
 import re
 import sys
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from stage import UserError, atomic_write, positive_float
 
@@ -32,7 +42,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # every conv layer (README, Quality)
 RECIPES = ("dlbhc", "bn", "bnconv")
 TORCHVISION_CONVS = (0, 3, 6, 8, 10)  # indices of the conv layers in torchvision's alexnet.features
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+MIN_IMG_SIZE, MAX_IMG_SIZE = 64, 4096  # AlexNet's five strided layers need 64 px; beyond 4096 an image is a bomb
+MIN_BITS, MAX_BITS = 8, 4096
+# state_dict key prefixes of format 1, before the layers were named for what they are
+OLD_LAYER_NAMES = {"remain.": "fc6_fc7.", "Linear1.": "latent.", "Linear2.": "classifier."}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,10 +64,31 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision on the CPU (bf16 matmuls are slow on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512_BF16 or AMX); elsewhere PyTorch leaves oneDNN out and runs
+    bf16 convolutions in its reference kernels, many times slower than fp32 (README, Performance)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:  # not Linux: no way to tell without another dependency
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def uses_bf16(device, precision="auto"):
+    """The one place that decides autocast. auto: bf16 on CUDA; fp32 on the CPU, where bf16 was measured slower on
+    a CPU without native bf16 and has not been measured on one with it (README, Performance)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device, precision="auto"):
+    """bf16 autocast where uses_bf16(device, precision); full precision otherwise."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -248,24 +283,51 @@ class AlexNetPlusLatent(nn.Module):
         self.features, self.conv_indices = alexnet_features(batchnorm=recipe == "bnconv")
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         # fc6 and fc7 with their dropout and ReLU, indices as in torchvision's alexnet.classifier[0:6]
-        self.remain = nn.Sequential(
+        self.fc6_fc7 = nn.Sequential(
             nn.Dropout(p=dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
             nn.Dropout(p=dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
         )
-        self.Linear1 = nn.Linear(4096, bits)
+        self.latent = nn.Linear(4096, bits)  # the hash layer: its sigmoid, thresholded at 0.5, is the code
         self.latent_norm = nn.BatchNorm1d(bits) if recipe in ("bn", "bnconv") else nn.Identity()
-        self.Linear2 = nn.Linear(bits, num_classes)
+        self.classifier = nn.Linear(bits, num_classes)
+        self.register_load_state_dict_pre_hook(rename_old_layers)
 
     def forward(self, images):
         """images [B, 3, H, W] normalised, H, W >= 64 -> (codes [B, bits] in (0, 1), logits [B, C], fc7 [B, 4096])."""
         x = self.avgpool(self.features(images))
-        fc7 = self.remain(torch.flatten(x, 1))
-        codes = torch.sigmoid(self.latent_norm(self.Linear1(fc7)))
-        return codes, self.Linear2(codes), fc7
+        fc7 = self.fc6_fc7(torch.flatten(x, 1))
+        codes = torch.sigmoid(self.latent_norm(self.latent(fc7)))
+        return codes, self.classifier(codes), fc7
 
     def new_layers(self):
         """Parameters that never come from ImageNet: trained with a higher learning rate when fine-tuning."""
-        return [*self.Linear1.parameters(), *self.latent_norm.parameters(), *self.Linear2.parameters()]
+        return [*self.latent.parameters(), *self.latent_norm.parameters(), *self.classifier.parameters()]
+
+
+def rename_old_layers(module, state_dict, prefix, *_):
+    """load_state_dict hook: format 1's Linear1/Linear2/remain keys load into latent/classifier/fc6_fc7."""
+    for key in list(state_dict):
+        for old, new in OLD_LAYER_NAMES.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+def hashing_loss(codes, logits, labels, label_smoothing=0.0, binarize=0.0, balance=0.0):
+    """DLBHC's cross-entropy on the classifier, plus SSDH's optional binarisation and bit-balance terms.
+
+    codes [B, bits] in (0, 1) and logits [B, C] as the network returns them (in float32); labels int64 [B], or
+    multi-hot [B, C] for multi-label data, which takes sigmoid binary cross-entropy, one term per class.
+    """
+    if labels.ndim == 2:
+        targets = labels.float() * (1 - label_smoothing) + label_smoothing / 2
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+    else:
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if binarize:
+        loss = loss - binarize * (codes - 0.5).pow(2).mean()  # [B, bits]: larger when outputs sit near 0 or 1
+    if balance:
+        loss = loss + balance * (codes.mean(0) - 0.5).pow(2).mean()  # each bit on for half the batch
+    return loss
 
 
 def load_pretrained(model, spec):
@@ -293,7 +355,7 @@ def load_pretrained(model, spec):
             state = state["state_dict"]
     if not isinstance(state, dict):
         raise UserError(f"--pretrained {spec}: expected a state_dict (a dict of tensors)")
-    # torchvision names fc6/fc7 classifier.1 / classifier.4; here they are remain.1 / remain.4
+    # torchvision names fc6/fc7 classifier.1 / classifier.4; here they are fc6_fc7.1 / fc6_fc7.4
     mapped = {}
     conv_position = dict(zip(TORCHVISION_CONVS, model.conv_indices))
     for key, value in state.items():
@@ -301,9 +363,9 @@ def load_pretrained(model, spec):
         if len(parts) == 3 and parts[0] == "features" and parts[1].isdigit() and int(parts[1]) in conv_position:
             mapped[f"features.{conv_position[int(parts[1])]}.{parts[2]}"] = value
         elif key.startswith(("classifier.1.", "classifier.4.")):
-            mapped["remain." + key[len("classifier."):]] = value
+            mapped["fc6_fc7." + key[len("classifier."):]] = value
     own = model.state_dict()
-    wanted = [f"{layer}.{name}" for layer in [f"features.{i}" for i in model.conv_indices] + ["remain.1", "remain.4"]
+    wanted = [f"{layer}.{name}" for layer in [f"features.{i}" for i in model.conv_indices] + ["fc6_fc7.1", "fc6_fc7.4"]
               for name in ("weight", "bias")]
     missing = [k for k in wanted if k not in mapped]
     if missing or any(mapped[k].shape != own[k].shape for k in wanted):
@@ -312,7 +374,19 @@ def load_pretrained(model, spec):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: a dict of plain values plus the unwrapped state_dict, loadable with weights_only=True
+# Checkpoints: one dict of plain values, model_args and the unwrapped state_dict, loadable with weights_only=True
+
+
+def model_args(bits, classes, img_size, recipe, dropout, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """What rebuilds the network and feeds it: stored in every checkpoint, read by build_model."""
+    return {"bits": bits, "classes": list(classes), "img_size": img_size, "mean": list(mean), "std": list(std),
+            "recipe": recipe, "dropout": dropout}
+
+
+def build_model(args, device=None):
+    """The network of a checkpoint's model_args, untrained (device "meta": shapes only, no memory)."""
+    with torch.device(device or "cpu"):
+        return AlexNetPlusLatent(args["bits"], len(args["classes"]), args["recipe"], args["dropout"])
 
 
 def unwrapped_state_dict(model):
@@ -321,22 +395,25 @@ def unwrapped_state_dict(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(path, model, **values):
-    """Write {format, state_dict, **values} atomically; values are plain Python (str, int, float, list, dict)."""
-    checkpoint = {"format": CHECKPOINT_FORMAT, "state_dict": unwrapped_state_dict(model), **values}
+def save_checkpoint(path, model, net_args, **metadata):
+    """Write {format, model_args: net_args, model, **metadata} atomically; metadata: plain values and state dicts."""
+    checkpoint = {"format": CHECKPOINT_FORMAT, "model_args": net_args, "model": unwrapped_state_dict(model),
+                  **metadata}
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def safe_load(path, what):
+def safe_load(path, what, mmap=False):
     """torch.load with weights_only=True: tensors and plain values only, nothing in the file is ever run.
 
     A pickle that would call anything else (os.system, a class's __reduce__) is refused with one line naming
-    what it asked for; any other unreadable file is named too. what says what the file was meant to be.
+    what it asked for; any other unreadable file is named too. what says what the file was meant to be. mmap
+    leaves the tensors in the file until they are used, so a file's claims can be checked before memory is spent.
     """
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # mmap needs torch.save's zip format; an older or bare pickle is read whole, as its size allows
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         asked = re.search(r"GLOBAL (\S+)", str(err))
         holds = f"asks to call {asked.group(1)}" if asked else "holds pickle instructions beyond tensors and plain values"
@@ -347,36 +424,117 @@ def safe_load(path, what):
         raise UserError(f"{path} is not {what} ({detail}); it may be truncated or another kind of file") from err
 
 
-def read_checkpoint(path):
-    """Load a checkpoint dict without running any code from the file (weights_only=True)."""
+def upgrade_format1(checkpoint):
+    """A model file of format 1 (values at the top level, 'state_dict') in today's shape; other dicts unchanged."""
+    if checkpoint.get("format", 1) != 1 or "model_args" in checkpoint or not {"bits", "state_dict"} <= checkpoint.keys():
+        return checkpoint
+    upgraded = {key: value for key, value in checkpoint.items() if key not in ("state_dict", "format")}
+    upgraded["model_args"] = {key: upgraded.pop(key, None) for key in ("bits", "classes", "img_size", "mean", "std")}
+    # format 1 files from before the recipes existed hold the paper's network with its dropout
+    upgraded["model_args"].update(recipe=upgraded.pop("recipe", "dlbhc"), dropout=upgraded.pop("dropout", 0.5))
+    return {"format": CHECKPOINT_FORMAT, **upgraded, "model": checkpoint["state_dict"]}
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def model_args_problem(args):
+    """What is wrong with a checkpoint's model_args, or None: every field checked before anything is built."""
+    if not isinstance(args, dict):
+        return "model_args is not a dict"
+    bits, classes, img_size = args.get("bits"), args.get("classes"), args.get("img_size")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        return f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, not {bits!r:.40}"
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        return "classes must be a list of at least 2 strings"
+    if not isinstance(img_size, int) or isinstance(img_size, bool) or not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:
+        return f"img_size must be an integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE}, not {img_size!r:.40}"
+    for name in ("mean", "std"):
+        values = args.get(name)
+        if not isinstance(values, list) or len(values) != 3 or not all(is_number(v) for v in values):
+            return f"{name} must be 3 finite numbers"
+    if any(v <= 0 for v in args["std"]):
+        return "std must be positive"
+    if args.get("recipe") not in RECIPES:
+        return f"recipe must be one of {', '.join(RECIPES)}"
+    if not is_number(args.get("dropout")) or not 0 <= args["dropout"] <= 1:
+        return "dropout must be a number from 0 to 1"
+    return None
+
+
+def metadata_problem(checkpoint):
+    """What is wrong with the run's metadata beside model_args and model, or None (fields a reader may lack are
+    absent, never of another type: a resume state's run_stem becomes a file name, its args the run's flags)."""
+    checks = {
+        "epoch": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "test_accuracy": lambda v: is_number(v) and 0 <= v <= 1,
+        "train_seconds": lambda v: is_number(v) and v >= 0,
+        "args": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+        "pretrained": lambda v: isinstance(v, str), "device": lambda v: isinstance(v, str),
+        "time": lambda v: isinstance(v, str), "optimizer": lambda v: isinstance(v, dict),
+        "generator": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1,
+        "run_stem": lambda v: isinstance(v, str) and re.fullmatch(r"\d+bits_\d{8}-\d{6}", v) is not None,
+        "label_kind": lambda v: v in ("single", "multi"), "accuracy_definition": lambda v: isinstance(v, str),
+        "world_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    }
+    wrong = [key for key, check in checks.items() if key in checkpoint and not check(checkpoint[key])]
+    return f"{wrong[0]} holds {type(checkpoint[wrong[0]]).__name__} {checkpoint[wrong[0]]!r:.40}" if wrong else None
+
+
+def state_dict_problem(args, state):
+    """Whether state holds exactly the network's tensors, shapes and dtypes, judged on a shapes-only (meta) network."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "the model state is not a dict of tensors"
+    expected = build_model(args, device="meta").state_dict()
+    state = dict(state)
+    rename_old_layers(None, state, "")
+    if state.keys() != expected.keys():
+        wrong = sorted(state.keys() ^ expected.keys())
+        return f"its tensors are not the network's ({len(wrong)} differ, e.g. {wrong[0]})"
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape or state[key].dtype != tensor.dtype:
+            return f"{key} is {state[key].dtype} {tuple(state[key].shape)}, the network's is {tuple(tensor.shape)}"
+    return None
+
+
+def read_checkpoint(path, what="a checkpoint written by mytrain.py"):
+    """The checkpoint dict of path in today's shape, every field checked; tensors stay in the file (mmap).
+
+    Nothing in the file is run (weights_only=True), and nothing is allocated for the network before its claims
+    (bits, classes, tensor shapes) are found to agree with each other.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} does not exist; train one with: python mytrain.py --bits BITS")
-    checkpoint = safe_load(path, "a checkpoint written by mytrain.py")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "bits" not in checkpoint:
-        raise UserError(f"{path} is not a checkpoint written by mytrain.py (no bits/state_dict)")
+    checkpoint = safe_load(path, what, mmap=True)
+    if isinstance(checkpoint, dict):
+        checkpoint = upgrade_format1(checkpoint)
+    if isinstance(checkpoint, dict) and "optimizer" in checkpoint and "model_args" not in checkpoint:
+        raise UserError(f"{path} is a resume state of an earlier mytrain.py (no model_args): finish that run with the "
+                        "mytrain.py that started it, or delete the file and start afresh")
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
+        raise UserError(f"{path} is not {what} (no model_args/model)")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not {what} (format {checkpoint.get('format')!r:.20}; this mytrain.py writes "
+                        f"format {CHECKPOINT_FORMAT}: a newer version wrote it, update this repository)")
+    problem = (model_args_problem(checkpoint["model_args"]) or metadata_problem(checkpoint)
+               or state_dict_problem(checkpoint["model_args"], checkpoint["model"]))
+    if problem:
+        raise UserError(f"{path} is not {what} ({problem})")
     return checkpoint
-
-
-def build_model(checkpoint):
-    """Rebuild the network from a checkpoint's own values: nothing to ask the user again."""
-    model = AlexNetPlusLatent(checkpoint["bits"], len(checkpoint["classes"]), checkpoint.get("recipe", "dlbhc"),
-                              checkpoint.get("dropout", 0.5))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model
 
 
 def load_model(path, bits=None):
     """(model in eval mode on the CPU, checkpoint dict); refuses a model whose bits differ from `bits`."""
     checkpoint = read_checkpoint(path)
-    if bits is not None and checkpoint["bits"] != bits:
-        raise UserError(f"{path} is a {checkpoint['bits']}-bit model but --bits {bits} was given; "
-                        f"use --bits {checkpoint['bits']} or another --model")
-    try:
-        return build_model(checkpoint).eval(), checkpoint
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a dict with bits that is not our model
-        raise UserError(f"{path} is not a checkpoint written by mytrain.py ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0][:100] if str(err).strip() else 'no detail'})") from err
+    stored = checkpoint["model_args"]["bits"]
+    if bits is not None and stored != bits:
+        raise UserError(f"{path} is a {stored}-bit model but --bits {bits} was given; "
+                        f"use --bits {stored} or another --model")
+    model = build_model(checkpoint["model_args"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
 
 
 MODEL_NAME = re.compile(r"^(\d+)bits_(\d+\.\d+)(?:_(\d+))?\.pt$")

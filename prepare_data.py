@@ -167,8 +167,8 @@ def check_args(args):
 
 
 @dataclass
-class Split:
-    """The images of one split: where each goes (names), its label token, and where its pixels come from."""
+class LabelledImages:
+    """The labelled images of one split (train or test): where each goes, its label token, where its pixels come from."""
     names: list  # paths relative to data/image (and data/query for the test split)
     labels: list  # label tokens (str)
     pixels: np.ndarray | None = None  # uint8 [N, H, W] or [N, H, W, 3], written as PNG
@@ -178,7 +178,7 @@ class Split:
         return len(self.names)
 
     def subset(self, rows):
-        return Split([self.names[i] for i in rows], [self.labels[i] for i in rows],
+        return LabelledImages([self.names[i] for i in rows], [self.labels[i] for i in rows],
                      None if self.pixels is None else self.pixels[rows],
                      None if self.files is None else [self.files[i] for i in rows])
 
@@ -186,25 +186,25 @@ class Split:
         """This split followed by other (both in-memory pixels, or both files)."""
         pixels = None if self.pixels is None else np.concatenate([self.pixels, other.pixels])
         files = None if self.files is None else self.files + other.files
-        return Split(self.names + other.names, self.labels + other.labels, pixels, files)
+        return LabelledImages(self.names + other.names, self.labels + other.labels, pixels, files)
 
 
 @dataclass
 class Prepared:
     classes: dict  # label token -> class name
-    train: Split
-    test: Split
+    train: LabelledImages
+    test: LabelledImages
     source: str  # where the data was read from
-    database: Split | None = None  # None: the database is the training split
+    database: LabelledImages | None = None  # None: the database is the training split
     in_place: bool = False  # names are the source images' absolute paths: lists point at them, nothing is copied
     skipped: dict | None = None  # folder mode: files not taken, by reason
 
 
 def array_split(split_name, pixels, labels):
-    """A Split of in-memory images; names keep each image's index in its official split: train/3/00042.png."""
+    """A LabelledImages of in-memory images; names keep each image's index in its official split: train/3/00042.png."""
     tokens = [str(int(label)) for label in labels]
     names = [f"{split_name}/{token}/{index:05d}.png" for index, token in enumerate(tokens)]
-    return Split(names, tokens, pixels=pixels)
+    return LabelledImages(names, tokens, pixels=pixels)
 
 
 def first_per_class(labels, limit):
@@ -494,7 +494,7 @@ def split_rows(count, fraction, seed, token):
 
 
 def files_split(split_name, folder, picked, tokens):
-    """A Split copying files; picked: [(class folder name, path relative to it)]. Names stay unique."""
+    """A LabelledImages copying files; picked: [(class folder name, path relative to it)]. Names stay unique."""
     names, labels, files, taken = [], [], [], set()
     for class_name, relative in picked:
         token = tokens[class_name]
@@ -508,7 +508,7 @@ def files_split(split_name, folder, picked, tokens):
         names.append(name)
         labels.append(token)
         files.append(str(Path(folder) / class_name / relative))
-    return Split(names, labels, files=files)
+    return LabelledImages(names, labels, files=files)
 
 
 def check_overlap(folder, data_root):
@@ -663,7 +663,7 @@ def benchmark_split(list_path, protocol, source):
     resolve = path_resolver(entries, source, list_path)
     files = [resolve(entry.path) for entry in entries]
     check_files(files, entries, list_path)
-    return Split(files, [entry.label for entry in entries])
+    return LabelledImages(files, [entry.label for entry in entries])
 
 
 def load_benchmark(args):
@@ -770,7 +770,7 @@ def image_tasks(split, folders, force):
 
 
 def write_images(parts, workers, force):
-    """parts: [(Split, [folders])]. Writes every image into each of its folders; returns a Counter of outcomes."""
+    """parts: [(LabelledImages, [folders])]. Writes every image into each of its folders; returns a Counter of outcomes."""
     for split, folders in parts:
         for parent in sorted({os.path.dirname(name) for name in split.names}):
             for folder in folders:
@@ -845,7 +845,7 @@ def checked_protocol(args, counts, source):
 
 
 def layout(prepared, train, test, data_root):
-    """({list path: text}, [(Split, [folders])] of images to write) for the usual layout."""
+    """({list path: text}, [(LabelledImages, [folders])] of images to write) for the usual layout."""
     database = prepared.database or train  # by default the training split: queries are not in it
     image_folder, query_folder = Path(data_root) / "image", Path(data_root) / "query"
     lists = {

@@ -51,12 +51,7 @@ def get_args_parser():
 def write_results(result_dir, stem, names, labels, results, db, meta, info):
     """<stem>.txt in the original's format and <stem>.json with distances, labels and r'."""
     lines = [f"{name}:{', '.join(db.names[row] for row in found['rows'])}\n" for name, found in zip(names, results)]
-    queries = [{"query": name, "label": database.label_text(meta, label), "radius": found["radius"],
-                "candidates": found["candidates"],
-                "results": [{"name": db.names[row], "index": int(row), "label": database.label_text(meta, db.labels[row]),
-                             "hamming": int(h), "euclidean": round(float(e), 4)}
-                            for row, h, e in zip(found["rows"], found["hamming"], found["euclidean"])]}
-               for name, label, found in zip(names, labels, results)]
+    queries = [database.query_answer(name, label, found, db, meta) for name, label, found in zip(names, labels, results)]
     text_path, json_path = Path(result_dir) / f"{stem}.txt", Path(result_dir) / f"{stem}.json"
     write_text(text_path, "".join(lines))
     write_json(json_path, {**info, "queries": queries})

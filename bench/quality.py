@@ -70,7 +70,7 @@ def main():
         rows.append({"bits": bits, "map_all": metrics["map_all"], "map_1000": metrics["map_topk"],
                      "precision_r2": metrics["precision_r2"], "accuracy": checkpoint["test_accuracy"],
                      "train_seconds": checkpoint["train_seconds"], "wall_seconds": round(wall, 1),
-                     "device": checkpoint["device"], "recipe": checkpoint.get("recipe"), "model": str(model)})
+                     "device": checkpoint["device"], "recipe": checkpoint["model_args"]["recipe"], "model": str(model)})
     print(f"\n{'bits':>4s} {'mAP@all':>8s} {'mAP@1000':>8s} {'P(r<=2)':>8s} {'accuracy':>8s} {'train s':>8s}  device")
     for row in rows:
         print(f"{row['bits']:4d} {row['map_all']:8.4f} {row['map_1000']:8.4f} {row['precision_r2']:8.4f} "

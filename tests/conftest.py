@@ -1,5 +1,12 @@
-"""Small generated image sets in the repo's data layout, and a runner for the real command lines."""
+"""Small generated image sets in the repo's data layout, a runner for the real command lines, and the one trained
+model (with its database) that the whole session shares.
+
+Tests that need a trained model copy the session's (`trained`, made once per test session, so once per pytest-xdist
+worker) instead of training their own; a test that damages a file damages its copy (`copy_trained`).
+"""
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +61,44 @@ def run(*args, cwd=None, check=True, env=None):
 @pytest.fixture
 def dataset(tmp_path):
     return make_dataset(tmp_path / "data")
+
+
+TRAINED_BITS = 16
+TRAIN_FLAGS = ("--pretrained", "none", "--img-size", 64, "--batch-size", 16, "--device", "cpu", "--workers", 0,
+               "--seed", 0)
+
+
+def train_and_encode(root):
+    make_dataset(root / "data", classes=3, train_per_class=32, test_per_class=10, query_per_class=5)
+    run(REPO / "mytrain.py", "--bits", TRAINED_BITS, "--epochs", 6, *TRAIN_FLAGS, cwd=root)
+    run(REPO / "database.py", "--bits", TRAINED_BITS, "--device", "cpu", "--workers", 0, cwd=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A root with data/ (3 generated classes: 96 training, 30 test, 15 query images), model/16bits_*.pt trained
+    for 6 epochs at 64 px on the CPU, and database/ encoded with it. Read-only: copy_trained gives a copy.
+
+    Under pytest-xdist the workers share one: the first to ask trains it while the others wait on a lock in the
+    session's own temporary folder (the parent of every worker's basetemp).
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return train_and_encode(tmp_path_factory.mktemp("trained"))
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        root = shared / "trained"
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way leaves nothing to trust
+            train_and_encode(root)
+            (root / "done").touch()
+    return root
+
+
+@pytest.fixture
+def copy_trained(tmp_path, trained):
+    """A copy of the session's trained root (data, model, database) that the test may change."""
+    for folder in ("data", "model", "database"):
+        shutil.copytree(trained / folder, tmp_path / folder, ignore=shutil.ignore_patterns(".cache"))
+    return tmp_path

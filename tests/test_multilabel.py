@@ -191,7 +191,7 @@ def test_training_records_the_multilabel_accuracy(multilabel_run):
     model = next((root / "model").glob("16bits_*.pt"))
     checkpoint = torch.load(model, map_location="cpu", weights_only=True)
     assert checkpoint["label_kind"] == "multi" and "among the image's labels" in checkpoint["accuracy_definition"]
-    assert checkpoint["classes"] == ["0", "1", "2"]
+    assert checkpoint["model_args"]["classes"] == ["0", "1", "2"]
     assert checkpoint["test_accuracy"] >= 0.8  # the image shows its first label; a random guess is right ~1/2
 
 

@@ -1,47 +1,40 @@
-"""The first half of the pipeline through its real command lines: train, checkpoint, encode."""
+"""The first half of the pipeline through its real command lines: train, checkpoint, encode (the session's run)."""
 import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import REPO, make_dataset, run
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One small training run shared by the tests below: 3 generated classes, 64 px, CPU."""
-    root = tmp_path_factory.mktemp("pipeline")
-    make_dataset(root / "data", classes=3, train_per_class=32, test_per_class=10, query_per_class=5)
-    result = run(REPO / "mytrain.py", "--bits", 16, "--pretrained", "none", "--img-size", 64, "--epochs", 6,
-                 "--batch-size", 16, "--device", "cpu", "--workers", 0, "--seed", 0, cwd=root)
-    return root, result
+from conftest import REPO, TRAIN_FLAGS, make_dataset, run
 
 
 def test_training_learns_and_names_the_model_by_accuracy(trained):
-    root, result = trained
-    models = sorted((root / "model").glob("*.pt"))
+    models = sorted((trained / "model").glob("*.pt"))
     assert len(models) == 1 and models[0].name.startswith("16bits_")
     checkpoint = torch.load(models[0], map_location="cpu", weights_only=True)
     assert checkpoint["test_accuracy"] >= 0.9  # chance is 1/3
     assert models[0].name == f"16bits_{100 * checkpoint['test_accuracy']:.2f}.pt"
     epochs = [json.loads(line) for line in models[0].with_suffix(".jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == list(range(1, 7))
-    assert not list((root / "model").glob("*.resume"))  # a finished run leaves no resume state
+    assert not list((trained / "model").glob("*.resume"))  # a finished run leaves no resume state
 
 
-def test_checkpoint_round_trip_with_weights_only(trained):
+def test_checkpoint_shape_and_round_trip_with_weights_only(trained, tmp_path):
     import net
 
-    root, _ = trained
-    path = next((root / "model").glob("*.pt"))
+    path = next((trained / "model").glob("*.pt"))
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"format", "model_args", "model", "args", "epoch", "test_accuracy", "train_seconds", "pretrained",
+            "device", "time"} == raw.keys()
+    assert raw["model_args"] == {"bits": 16, "classes": ["0", "1", "2"], "img_size": 64, "recipe": "bnconv",
+                                 "mean": list(net.IMAGENET_MEAN), "std": list(net.IMAGENET_STD), "dropout": 0.0}
+    assert raw["pretrained"] == "none" and raw["epoch"] == 6 and raw["args"]["epochs"] == 6
+    layers = {key.split(".")[0] for key in raw["model"]}
+    assert layers == {"features", "fc6_fc7", "latent", "latent_norm", "classifier"}  # unwrapped, named layers
     model, checkpoint = net.load_model(path, bits=16)
-    assert checkpoint["bits"] == 16 and checkpoint["classes"] == ["0", "1", "2"]
-    assert checkpoint["img_size"] == 64 and checkpoint["pretrained"] == "none"
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["state_dict"])
-    again = root / "again.pt"
-    net.save_checkpoint(again, model, **{k: v for k, v in checkpoint.items() if k not in ("state_dict", "format")})
+    again = tmp_path / "again.pt"
+    net.save_checkpoint(again, model, checkpoint["model_args"],
+                        **{k: v for k, v in checkpoint.items() if k not in ("model", "model_args", "format")})
     reloaded, _ = net.load_model(again)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -49,17 +42,16 @@ def test_checkpoint_round_trip_with_weights_only(trained):
             assert torch.equal(a, b)
 
 
-def test_second_run_never_overwrites(trained):
-    root, _ = trained
-    run(REPO / "mytrain.py", "--bits", 16, "--pretrained", "none", "--img-size", 64, "--epochs", 6,
-        "--batch-size", 16, "--device", "cpu", "--workers", 0, "--seed", 0, cwd=root)
-    names = sorted(p.name for p in (root / "model").glob("*.pt"))
+def test_second_run_never_overwrites(tmp_path):
+    make_dataset(tmp_path / "data", classes=2, train_per_class=4, test_per_class=2, query_per_class=1)
+    for _ in range(2):
+        run(REPO / "mytrain.py", "--bits", 8, "--epochs", 1, *TRAIN_FLAGS, cwd=tmp_path)
+    names = sorted(p.name for p in (tmp_path / "model").glob("*.pt"))
     assert len(names) == 2 and names[1] == names[0].replace(".pt", "_2.pt")  # same seed, same accuracy: a suffix
 
 
 def test_database_files_have_the_documented_shapes(trained):
-    root, _ = trained
-    run(REPO / "database.py", "--bits", 16, "--device", "cpu", "--workers", 0, cwd=root)
+    root = trained
     db = root / "database"
     for part, count in (("db", 96), ("query", 15)):
         codes = np.load(db / f"{part}_binary.npy")
@@ -77,26 +69,26 @@ def test_database_files_have_the_documented_shapes(trained):
     assert names == listed
 
 
-def test_codes_match_the_model_thresholded_at_half(trained):
+def test_codes_match_the_model_thresholded_at_half(copy_trained):
     """The packed codes are sigmoid > 0.5 of the model on the eval transform, and the same on a second run."""
     import MyDataset
     import net
 
-    root, _ = trained
-    run(REPO / "database.py", "--bits", 16, "--device", "cpu", "--workers", 0, "--out", "db1", cwd=root)
+    root = copy_trained
     run(REPO / "database.py", "--bits", 16, "--device", "cpu", "--workers", 0, "--out", "db2", cwd=root)
     for name in ("db_binary.npy", "query_binary.npy", "db_feature.npy"):
-        assert (root / "db1" / name).read_bytes() == (root / "db2" / name).read_bytes()
-    meta = json.loads((root / "db1/meta.json").read_text())
+        assert (root / "database" / name).read_bytes() == (root / "db2" / name).read_bytes()
+    meta = json.loads((root / "db2/meta.json").read_text())
     model, checkpoint = net.load_model(meta["model"] if Path(meta["model"]).is_absolute() else root / meta["model"])
-    query_names = (root / "db1/query_names.txt").read_text().splitlines()
+    query_names = (root / "db2/query_names.txt").read_text().splitlines()
     images = np.stack([np.asarray(MyDataset.read_image(root / "data/query" / n)) for n in query_names[:4]])
-    x = MyDataset.eval_transform(torch.from_numpy(images), 64, checkpoint["mean"], checkpoint["std"])
+    args = checkpoint["model_args"]
+    x = MyDataset.eval_transform(torch.from_numpy(images), 64, args["mean"], args["std"])
     with torch.no_grad():
         sigmoid, _, fc7 = model(x)
     expected = np.packbits((sigmoid > 0.5).numpy(), axis=1)
-    assert np.array_equal(np.load(root / "db1/query_binary.npy")[:4], expected)
-    np.testing.assert_allclose(np.load(root / "db1/query_feature.npy")[:4].astype(np.float32), fc7.numpy(),
+    assert np.array_equal(np.load(root / "db2/query_binary.npy")[:4], expected)
+    np.testing.assert_allclose(np.load(root / "db2/query_feature.npy")[:4].astype(np.float32), fc7.numpy(),
                                rtol=1e-2, atol=1e-2)
 
 
@@ -112,11 +104,10 @@ def test_unseen_and_missing_labels_in_the_database(tmp_path):
     assert MyDataset.sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
 
 
-def test_codes_separate_the_classes(trained):
+def test_codes_separate_the_classes(trained, tmp_path):
     """A broken loss cannot land: the trained codes rank same-class items first (chance mAP is about 1/3)."""
-    root, _ = trained
-    run(REPO / "database.py", "--bits", 16, "--device", "cpu", "--workers", 0, "--out", "db_map", cwd=root)
-    run(REPO / "mAP.py", "--bits", 16, "--database", "db_map", "--result", "result_map", "--device", "cpu", cwd=root)
-    metrics = json.loads((root / "result_map/map_16bits.json").read_text())
+    run(REPO / "mAP.py", "--bits", 16, "--database", trained / "database", "--result", "result", "--device", "cpu",
+        cwd=tmp_path)
+    metrics = json.loads((tmp_path / "result/map_16bits.json").read_text())
     assert metrics["num_queries"] == 15 and metrics["num_database"] == 96
     assert metrics["map_all"] >= 0.8 and metrics["precision_r2"] >= 0.8

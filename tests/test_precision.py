@@ -1,0 +1,105 @@
+"""mytrain.py --precision: which autocast each choice gives, and byte-identical codes from the same model, data, seed."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, make_dataset, run
+
+# bf16 is emulated, and slow, on a CPU without AVX512_BF16/AMX: one epoch of two steps is enough to compare bytes
+TRAIN = ("--bits", 16, "--pretrained", "none", "--img-size", 64, "--epochs", 1, "--batch-size", 12,
+         "--device", "cpu", "--workers", 0, "--seed", 0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four tiny runs on one data set: bf16 twice, fp32, and the default; each encoded by database.py."""
+    root = tmp_path_factory.mktemp("precision")
+    make_dataset(root / "data", classes=3, train_per_class=8, test_per_class=4, query_per_class=4)
+    outputs = {}
+    for name, extra in (("bf16_a", ("--precision", "bf16")), ("bf16_b", ("--precision", "bf16")),
+                        ("fp32", ("--precision", "fp32")), ("default", ())):
+        result = run(REPO / "mytrain.py", *TRAIN, *extra, "--model-dir", f"model_{name}", cwd=root)
+        model = next((root / f"model_{name}").glob("16bits_*.pt"))
+        run(REPO / "database.py", "--bits", 16, "--model", model, "--device", "cpu", "--workers", 0,
+            "--out", f"db_{name}", cwd=root)
+        outputs[name] = (model, root / f"db_{name}", result.stdout)
+    return outputs
+
+
+def weights(model_path):
+    return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def same_bytes(db_a, db_b):
+    return all((db_a / name).read_bytes() == (db_b / name).read_bytes()
+               for name in ("db_binary.npy", "query_binary.npy", "db_feature.npy", "query_feature.npy"))
+
+
+def test_bf16_twice_gives_byte_identical_weights_and_codes(runs):
+    (model_a, db_a, _), (model_b, db_b, _) = runs["bf16_a"], runs["bf16_b"]
+    first, second = weights(model_a), weights(model_b)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert same_bytes(db_a, db_b)
+    checkpoint = torch.load(model_a, map_location="cpu", weights_only=True)
+    assert checkpoint["args"]["precision"] == "bf16"
+
+
+def test_fp32_flag_is_the_cpu_default_and_bf16_really_differs(runs):
+    """On the CPU, --precision fp32 and the default train the same network bit for bit; bf16 trains another."""
+    fp32, default, bf16 = (weights(runs[name][0]) for name in ("fp32", "default", "bf16_a"))
+    assert all(torch.equal(fp32[k], default[k]) for k in fp32)
+    assert same_bytes(runs["fp32"][1], runs["default"][1])
+    assert not all(torch.equal(fp32[k], bf16[k]) for k in fp32)
+    default_args = torch.load(runs["default"][0], map_location="cpu", weights_only=True)["args"]
+    assert default_args["precision"] == "auto"
+
+
+def test_a_bf16_step_follows_the_fp32_gradient():
+    """One training step's gradient under CPU bf16 autocast points where fp32's does: a broken autocast path
+    (a layer left out, the loss taken in bf16) cannot land."""
+    import net
+
+    torch.manual_seed(0)
+    model = net.AlexNetPlusLatent(16, 3, "bnconv", 0.0).train()
+    x, labels = torch.randn(8, 3, 64, 64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    gradients = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        with net.autocast(torch.device("cpu"), precision):
+            codes, logits, _ = model(x)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        gradients[precision] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    cosine = torch.nn.functional.cosine_similarity(gradients["fp32"], gradients["bf16"], dim=0)
+    assert cosine > 0.98, cosine
+
+
+def test_uses_bf16_rules():
+    import net
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: CUDA is not initialised
+    assert net.uses_bf16(cuda) and net.uses_bf16(cuda, "bf16") and not net.uses_bf16(cuda, "fp32")
+    assert not net.uses_bf16(cpu) and not net.uses_bf16(cpu, "fp32") and net.uses_bf16(cpu, "bf16")
+    with pytest.raises(ValueError):
+        net.uses_bf16(cpu, "fp16")
+
+
+def test_every_layer_runs_in_bf16_under_cpu_autocast():
+    """No layer of the network lacks a CPU bf16 kernel: each one's output is bf16 (none falls back to fp32)."""
+    import net
+
+    model = net.AlexNetPlusLatent(16, 3, "bnconv", 0.0).train()
+    dtypes = {}
+    for name, module in model.named_modules():
+        if not list(module.children()):
+            module.register_forward_hook(lambda m, i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    x = torch.randn(4, 3, 64, 64)
+    with net.autocast(torch.device("cpu"), "bf16"):
+        codes, logits, fc7 = model(x)
+    assert set(dtypes.values()) == {torch.bfloat16}, {k: v for k, v in dtypes.items() if v != torch.bfloat16}
+    with net.autocast(torch.device("cpu")):
+        reference = model(x)
+    assert all(t.dtype == torch.float32 for t in reference)
+    # bf16 keeps 8 bits of mantissa: the codes agree with fp32's to a few hundredths
+    np.testing.assert_allclose(codes.float().detach().numpy(), reference[0].detach().numpy(), atol=0.05)
