@@ -316,7 +316,9 @@ def test_a_model_giving_non_finite_features_is_named(built_copy):
 
     path = next((built_copy / "model").glob("8bits_*.pt"))
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint["state_dict"]["remain.4.bias"].fill_(1e6)  # fc7 = ReLU(... + 1e6): far beyond fp16's 65504
+    weights = checkpoint["model"] if "model" in checkpoint else checkpoint["state_dict"]
+    fc7 = next(k for k, v in weights.items() if k.endswith(".weight") and tuple(v.shape) == (4096, 4096))
+    weights[fc7[:-len("weight")] + "bias"].fill_(1e6)  # fc7 = ReLU(... + 1e6): far beyond fp16's 65504
     blown = built_copy / "model/blown.pt"
     torch.save(checkpoint, blown)
     before = snapshot(built_copy / "database")
