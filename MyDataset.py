@@ -19,7 +19,9 @@ import copy
 import hashlib
 import math
 import os
+import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +85,12 @@ def parse_labels(fields, list_path, number, line):
 def parse_lines(text, list_path, need_label):
     """(entries, form, one-hot column count) of a list file's text; a file uses one form throughout."""
     entries, form, columns, first = [], None, None, None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # lines end at \n, \r\n or \r only: a name holding another line separator is refused below, not split
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        bad = control_character(line.replace("\t", ""))  # spaces and tabs separate fields; nothing else may
+        if bad is not None:
+            raise UserError(f"{list_path}:{number}: holds the control character {bad!r}, which would break the "
+                            f"one-line-per-item files; rename the file: {line.strip()[:80]!r}")
         fields = line.split()
         if not fields:
             continue
@@ -112,12 +119,26 @@ def parse_lines(text, list_path, need_label):
     return entries, form or "paths", columns
 
 
-def read_list(list_path, need_label):
+def control_character(text):
+    """The first control or line-separator character in text, or None: such a name would break the
+    one-line-per-item files (list files, names files, query.txt)."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+
+
+def outside(path):
+    """True when a list entry leads outside its list's folder: an absolute path, or one climbing out with '..'."""
+    return os.path.isabs(path) or os.path.normpath(path).split(os.sep)[0] == ".."
+
+
+def read_list(list_path, need_label, strict_paths=False):
     """Parse a list file (label optional unless need_label). Blank lines, CRLF, a BOM are fine.
 
     Lines are `<path> <label>`, `<path> <label>,<label>,...` or one-hot `<path> 0 1 0 ... 1` (HashNet's and
     DeepHash-pytorch's lists: one 0/1 column per class, label i where column i is 1). A file uses one form.
     One-hot needs two columns or more: `<path> 1` is the single label "1". Returns a ListFile.
+
+    Entries outside the list's folder are read (people keep images on other disks) with a one-line warning,
+    or refused with strict_paths. A control character in a line is refused.
     """
     list_path = Path(list_path)
     if not list_path.is_file():
@@ -133,6 +154,7 @@ def read_list(list_path, need_label):
     for entry in entries:
         duplicates += entry.path in seen
         seen.add(entry.path)
+    check_outside(list_path, entries, strict_paths)
     if duplicates:  # printed, not warnings.warn: PYTHONWARNINGS=ignore must not hide it, and it stays one line
         print(f"warning: {list_path}: {duplicates} duplicate path(s); each is used as often as it is listed",
               file=sys.stderr, flush=True)
@@ -142,6 +164,16 @@ def read_list(list_path, need_label):
 def is_multi_label(*entry_lists):
     """True when some entry of these lists has two labels or more: training and relevance are then multi-label."""
     return any(len(entry.labels) > 1 for entries in entry_lists for entry in entries)
+
+
+def check_outside(list_path, entries, strict_paths):
+    away = [entry for entry in entries if outside(entry.path)]
+    if away and strict_paths:
+        raise UserError(f"{list_path}:{away[0].line}: {away[0].path!r} is outside {list_path.parent} "
+                        f"({len(away)} such entries); move the images under it, or drop --strict-paths")
+    if away:
+        print(f"warning: {list_path}: {len(away)} path(s) outside {list_path.parent}, first {away[0].path!r} "
+              f"(line {away[0].line}); read as given (--strict-paths refuses them)", file=sys.stderr, flush=True)
 
 
 def sort_labels(labels):
@@ -286,13 +318,22 @@ def image_files(paths):
     files = []
     for given in paths:
         path = Path(given)
+        if control_character(str(given)) is not None:
+            raise UserError(f"--image {str(given)!r}: the name holds a control character, which would break the "
+                            "one-line-per-item results; rename the file")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise UserError(f"--image {given}: no image file ({' '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            named = [p for p in found if control_character(str(p)) is not None]
+            if named:
+                raise UserError(f"--image {given}: {str(named[0])!r} holds a control character, which would break "
+                                "the one-line-per-item results; rename it")
             files += found
         elif path.is_file():
             files.append(path)
+        elif path.exists():  # a FIFO would block, /dev/zero never ends: only regular files are images
+            raise UserError(f"--image {given}: not a regular file (a FIFO, device or socket); give an image file")
         else:
             raise UserError(f"--image {given}: no such file or folder")
     return files

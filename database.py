@@ -15,7 +15,8 @@ swapped in at the end, so a failed or killed run leaves the previous database in
     db_feature.npy, query_feature.npy   float16 [N, 4096]         fc7
     db_names.txt, query_names.txt       the image paths as in the list files, one a line, same order
     meta.json                           bits, model path and sha256, labels by index, label_kind ("single" or
-                                        "multi"), protocol (from <data-root>/prepare_data.json), img_size, counts, time
+                                        "multi"), protocol (from <data-root>/prepare_data.json), img_size, counts,
+                                        feature_dim, time, generation (a random id of this write)
 
 The database is multi-label when a line of list.txt or query/list.txt (or the trainlist/testlist line an unlabelled
 one falls back to) has two labels or more; relevance is then "shares at least one label" (mAP.py).
@@ -24,10 +25,13 @@ This module owns that format: its writer (here) and its reader (load_database), 
 """
 import argparse
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +41,8 @@ import torch
 import MyDataset
 from net import (autocast, build_model, distributed_args_parser, distributed_run, from_main, gather_to_main, load_model,
                  local_main_first, newest_model, setup_ranks)
-from stage import UserError, common_args_parser, elapsed, print_args, run_main, sha256_file, write_text
+from stage import (UserError, common_args_parser, elapsed, give_user_mode, non_negative_int, positive_int, print_args,
+                   refuse_json_constant, run_main, sha256_file, to_json, write_error, write_text)
 
 FORMAT = 1
 
@@ -46,16 +51,18 @@ def get_args_parser():
     parser = argparse.ArgumentParser("database.py", description=__doc__.split("\n")[0],
                                      parents=[common_args_parser(), distributed_args_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, required=True, help="code length of the model to use")
+    parser.add_argument("--bits", type=positive_int, required=True, help="code length of the model to use")
     parser.add_argument("--model", default=None, help="checkpoint to encode with (default: newest <bits>bits_*.pt in --model-dir)")
     parser.add_argument("--model-dir", default="model", help="where mytrain.py saved models (default: %(default)s)")
     parser.add_argument("--out", default="database", help="database folder to write (default: %(default)s)")
     parser.add_argument("--result", default="result", help="where bad_images.txt goes (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
                         help="processes decoding images (default: %(default)s)")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in result/bad_images.txt")
     parser.add_argument("--no-cache", action="store_true", help="stream images instead of using the decoded cache")
+    parser.add_argument("--strict-paths", action="store_true",
+                        help="refuse list entries outside the list's folder (absolute paths, ..) instead of warning")
     return parser
 
 
@@ -97,7 +104,8 @@ def encode_share(model, model_args, source, device, batch_size, rank=0, world_si
             sigmoid, _, fc7 = model(x)
         rows = positions.numpy()
         codes[rows] = np.packbits((sigmoid.float() > 0.5).cpu().numpy(), axis=1)  # [B, bits] bool -> [B, bytes]
-        features[rows] = fc7.float().cpu().numpy().astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, refused by refuse_non_finite
+            features[rows] = fc7.float().cpu().numpy().astype(np.float16)
         encoded[rows] = True
         bar.update(len(rows) * world_size)
     bar.close()
@@ -120,6 +128,13 @@ def encode_part(model, model_args, source, ranks, batch_size):
     return codes, source.labels[entries], features, [source.entries[i].path for i in entries], bad
 
 
+def refuse_non_finite(features, model_path, bits):
+    """fc7 beyond fp16's range, or a model that diverged: such features would make every distance NaN."""
+    if not np.isfinite(features).all():
+        raise UserError(f"the model {model_path} gives NaN or infinite fc7 features, so it cannot encode images; "
+                        f"train another (python mytrain.py --bits {bits}) or name one with --model")
+
+
 def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=False):
     """Images that are not in the database, encoded with the model that built it (query.py and demo.py --image).
 
@@ -128,6 +143,7 @@ def encode_new_images(files, folder, meta, model, device, batch_size, skip_bad=F
     model_path = model_for_database(folder, meta, model)
     network, checkpoint = load_model(model_path, int(meta["bits"]))
     keep, codes, features, bad = encode_files(network, checkpoint["model_args"], files, device, batch_size, skip_bad)
+    refuse_non_finite(features, model_path, int(meta["bits"]))
     return [files[i] for i in keep], codes, features, bad
 
 
@@ -142,13 +158,13 @@ def encode_files(network, model_args, files, device, batch_size, skip_bad=False)
     return kept, codes, features, bad
 
 
-def known_labels(image_folder):
+def known_labels(image_folder, strict_paths=False):
     """path -> Entry from trainlist.txt and testlist.txt, for list.txt lines that carry no label."""
     known = {}
     for name in ("trainlist.txt", "testlist.txt"):
         path = Path(image_folder) / name
         if path.is_file():
-            known.update({entry.path: entry for entry in MyDataset.read_list(path, need_label=True)})
+            known.update({entry.path: entry for entry in MyDataset.read_list(path, need_label=True, strict_paths=strict_paths)})
     return known
 
 
@@ -188,7 +204,8 @@ def write_database(out, parts, meta):
 
     features None: no feature file (bench/search.py's databases, ranked without --rerank).
 
-    The old database, if any, is moved aside and removed only after the new one is in place.
+    The old database, if any, is moved aside and removed only after the new one is in place. Each database is a
+    folder written once and never changed, a generation: readers pin one (load_database) and never see a mix.
     """
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,16 +213,8 @@ def write_database(out, parts, meta):
         raise UserError(f"--out {out} exists and is not a folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        for part, (codes, labels, features, names) in parts.items():
-            np.save(tmp / f"{part}_binary.npy", codes)
-            if labels.ndim == 2:
-                np.save(tmp / f"{part}_label_multihot.npy", labels.astype(bool))
-            else:
-                np.save(tmp / f"{part}_label.npy", labels.astype(np.int64))
-            if features is not None:
-                np.save(tmp / f"{part}_feature.npy", features)
-            (tmp / f"{part}_names.txt").write_text("".join(name + "\n" for name in names), encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
+        give_user_mode(tmp, folder=True)
+        write_files(tmp, out, parts, {**meta, "generation": uuid.uuid4().hex})
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "previous")  # an instant away from the new one; still on disk until the swap
@@ -223,99 +232,256 @@ def write_database(out, parts, meta):
         raise
 
 
+def write_files(tmp, out, parts, meta):
+    """The files of one database into the folder tmp; a failed write is named as the file under out it was for."""
+    writes = []
+    for part, (codes, labels, features, names) in parts.items():
+        writes += [(f"{part}_binary.npy", codes),
+                   (f"{part}_label_multihot.npy", labels.astype(bool)) if labels.ndim == 2
+                   else (f"{part}_label.npy", labels.astype(np.int64))]
+        if features is not None:  # None: no feature file (bench/search.py's databases, ranked without --rerank)
+            writes.append((f"{part}_feature.npy", features))
+        writes.append((f"{part}_names.txt", "".join(n + "\n" for n in names)))
+    writes.append(("meta.json", to_json(meta, indent=1) + "\n"))
+    for name, data in writes:
+        try:
+            if isinstance(data, str):
+                (tmp / name).write_text(data, encoding="utf-8")
+            else:
+                np.save(tmp / name, data)
+        except OSError as err:
+            raise write_error(out / name, err) from err
+
+
 @dataclass
 class EncodedImages:
     """One side of the database, as load_split reads it: the codes, labels, names and fc7 of the items or the queries."""
     codes: np.ndarray  # uint8 [N, ceil(bits/8)]
     labels: np.ndarray  # int64 [N], -1 unknown; multi-label: bool [N, C], a row of False unknown
     names: list
-    features: np.ndarray | None  # float16 [N, 4096] (memory-mapped), None unless asked for
+    features: np.ndarray | None  # float16 [N, D] (memory-mapped; D = 4096 for AlexNet), None unless asked for
 
 
-def _load_array(path, dtype, ndim, mmap=False):
-    if not path.is_file():
-        raise UserError(f"{path} is missing; rebuild the database with: python database.py --bits BITS")
+CHANGED = "database changed while reading; run again"
+FINITE_CHUNK = 4096  # feature rows checked for NaN/inf at a time: [4096, 4096] fp16, 32 MB
+
+
+def rebuild_command(folder, bits):
+    out = "" if Path(folder).name == "database" and not Path(folder).is_absolute() else f" --out {folder}"
+    return f"python database.py --bits {bits}{out}"
+
+
+class Generation:
+    """A database folder pinned by a handle: every file is opened inside the very folder that was opened first.
+
+    database.py swaps a whole new folder in by renames, so the handle keeps reading one generation; when that one
+    is removed under us (a file gone, and the name now leads to another folder), the read stops with CHANGED.
+    """
+
+    def __init__(self, folder, bits):
+        self.folder, self.bits = Path(folder), bits
+        self.rebuild = f"rebuild it with: {rebuild_command(folder, bits)}"
+        self.fd = self._open_folder()
+
+    def _open_folder(self):
+        for _ in range(40):  # a swap leaves the name empty for an instant: wait for it rather than call it missing
+            try:
+                return os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                if not self._aside():
+                    break
+                time.sleep(0.05)
+            except NotADirectoryError:
+                raise UserError(f"{self.folder} is not a folder; {self.rebuild}") from None
+        aside = self._aside()
+        hint = f" (an interrupted run left the previous one in {aside[-1]}: mv it back to {self.folder})" if aside else ""
+        raise UserError(f"database folder {self.folder} does not exist{hint}; build it with: "
+                        f"{rebuild_command(self.folder, self.bits)}")
+
+    def _aside(self):
+        # a database.py killed between its two renames leaves the previous database in .<name>.*.old/previous
+        return sorted(self.folder.parent.glob(f".{self.folder.name}.*.old/previous"))
+
+    def replaced(self):
+        """True when the folder's name now leads elsewhere than the folder this handle holds."""
+        try:
+            now, held = os.stat(self.folder), os.fstat(self.fd)
+        except FileNotFoundError:
+            return True
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+    def open(self, name):
+        """A binary file object of one file of this generation; only regular files."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=self.fd)
+        except FileNotFoundError:
+            if self.replaced():
+                raise UserError(CHANGED) from None
+            raise UserError(f"{self.folder / name} is missing; {self.rebuild}") from None
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise UserError(f"{self.folder / name} is not a regular file; {self.rebuild}")
+        return f
+
+    def close(self):
+        os.close(self.fd)
+
+    def corrupt(self, name, why):
+        return UserError(f"{self.folder / name} is corrupt ({why}); {self.rebuild}")
+
+
+def read_npy(generation, name, dtype, ndim, mmap=False):
+    """An array from a .npy file, its header checked (dtype, dims, size on disk) before any data is read.
+
+    The header cannot make us allocate more than the file holds; object arrays (pickles) are never read.
+    """
+    with generation.open(name) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, found = header(f)
+        except Exception as err:
+            raise generation.corrupt(name, f"not a .npy file: {type(err).__name__}") from None
+        if found != np.dtype(dtype) or len(shape) != ndim or fortran_order:
+            raise UserError(f"{generation.folder / name} holds {found} {shape}, expected {np.dtype(dtype)} with "
+                            f"{ndim} dims; {generation.rebuild}")
+        offset, size = f.tell(), os.fstat(f.fileno()).st_size
+        if offset + math.prod(shape) * found.itemsize != size:
+            raise generation.corrupt(name, f"{size - offset} bytes of data for shape {shape}: truncated or padded")
+        if math.prod(shape) == 0:
+            return np.empty(shape, dtype)
+        array = np.memmap(f, dtype=found, mode="r", offset=offset, shape=shape)
+    return array if mmap else np.array(array)
+
+
+def read_names(generation, name):
+    with generation.open(name) as f:
+        data = f.read()
     try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as err:
-        raise UserError(f"{path} is corrupt ({type(err).__name__}); rebuild the database with: "
-                        "python database.py --bits BITS") from err
-    if array.dtype != dtype or array.ndim != ndim:
-        raise UserError(f"{path} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} with {ndim} dims; "
-                        "rebuild the database with: python database.py --bits BITS")
-    return array
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise generation.corrupt(name, f"not UTF-8 at byte {err.start}") from None
+    if text and not text.endswith("\n"):
+        raise generation.corrupt(name, "its last line is cut off")
+    return text.split("\n")[:-1]  # one name a line: '\n' alone separates them, as written
 
 
-def read_meta(folder):
-    path = Path(folder) / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: {folder} is not a database; build one with: python database.py --bits BITS")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        int(meta["bits"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path} is corrupt ({type(err).__name__}); rebuild with: python database.py --bits BITS") from err
+def check_meta(meta, path, rebuild):
+    """The fields the readers use, type-checked: a hand-edited or crafted meta.json is refused, not trusted."""
+    def refuse(why):
+        return UserError(f"{path} is corrupt ({why}); {rebuild}")
+
+    if not isinstance(meta, dict):
+        raise refuse("not a JSON object")
+    bits = meta.get("bits")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 65536:
+        raise refuse(f"bits must be a positive integer, got {bits!r:.40}")
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise refuse("labels must be a list of strings")
+    if meta.get("label_kind", "single") not in ("single", "multi"):
+        raise refuse(f"label_kind must be 'single' or 'multi', got {meta.get('label_kind')!r:.40}")
+    for key in ("model", "model_abspath", "model_sha256"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise refuse(f"{key} must be a string")
+    for key in ("num_database", "num_queries", "feature_dim"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise refuse(f"{key} must be a non-negative integer")
     return meta
 
 
-def load_labels(folder, part, label_kind):
+def read_meta(folder, generation=None):
+    """meta.json of a database folder, checked (check_meta); read through generation when one is pinned."""
+    path = Path(folder) / "meta.json"
+    bits = generation.bits if generation is not None else "BITS"
+    rebuild = f"rebuild with: {rebuild_command(folder, bits)}"
+    if generation is None and not path.is_file():
+        raise UserError(f"{path} is missing: {folder} is not a database; build one with: {rebuild_command(folder, bits)}")
+    try:
+        if generation is not None:
+            with generation.open("meta.json") as f:
+                text = f.read().decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+        meta = json.loads(text, parse_constant=refuse_json_constant)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, NaN, absurd nesting
+        detail = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:80]
+        raise UserError(f"{path} is corrupt (not valid JSON: {detail}); {rebuild}") from None
+    return check_meta(meta, path, rebuild)
+
+
+def check_finite(generation, name, features):
+    for start in range(0, len(features), FINITE_CHUNK):
+        if not np.isfinite(features[start:start + FINITE_CHUNK]).all():
+            raise generation.corrupt(name, "holds NaN or infinite features")
+
+
+def load_labels(generation, part, label_kind):
     """int64 [N] (-1 unknown) for a single-label database; bool [N, C] for a multi-label one (uint8 is read too)."""
     if label_kind == "single":
-        return _load_array(folder / f"{part}_label.npy", np.int64, 1)
-    path = folder / f"{part}_label_multihot.npy"
+        return read_npy(generation, f"{part}_label.npy", np.int64, 1)
     try:
-        return _load_array(path, np.bool_, 2)
+        return read_npy(generation, f"{part}_label_multihot.npy", np.bool_, 2)
     except UserError:
-        return _load_array(path, np.uint8, 2).astype(bool)
+        return read_npy(generation, f"{part}_label_multihot.npy", np.uint8, 2).astype(bool)
 
 
-def load_split(folder, part, bits, features=False, label_kind="single"):
-    """Read one part ('db' or 'query') and check that its files agree with each other and with bits."""
-    folder = Path(folder)
-    codes = _load_array(folder / f"{part}_binary.npy", np.uint8, 2)
-    labels = load_labels(folder, part, label_kind)
-    names_path = folder / f"{part}_names.txt"
-    if not names_path.is_file():
-        raise UserError(f"{names_path} is missing; rebuild the database with: python database.py --bits {bits}")
-    names = names_path.read_text(encoding="utf-8").splitlines()
-    feats = _load_array(folder / f"{part}_feature.npy", np.float16, 2, mmap=True) if features else None
+def load_split(generation, part, meta, features=False):
+    """Read one part ('db' or 'query') and check that its files agree with each other and with meta."""
+    bits, folder = generation.bits, generation.folder
+    codes = read_npy(generation, f"{part}_binary.npy", np.uint8, 2)
+    labels = load_labels(generation, part, meta.get("label_kind", "single"))
+    names = read_names(generation, f"{part}_names.txt")
+    feats = read_npy(generation, f"{part}_feature.npy", np.float16, 2, mmap=True) if features else None
     if codes.shape[1] != (bits + 7) // 8:
         raise UserError(f"{folder / f'{part}_binary.npy'} holds {codes.shape[1] * 8}-bit rows, not {bits} bits; "
-                        f"rebuild with: python database.py --bits {bits}")
+                        f"rebuild with: {rebuild_command(folder, bits)}")
     lengths = {"codes": len(codes), "labels": len(labels), "names": len(names)}
     if feats is not None:
         lengths["features"] = len(feats)
+    if meta.get("num_database" if part == "db" else "num_queries") is not None:
+        lengths["meta.json"] = meta["num_database" if part == "db" else "num_queries"]
     if len(set(lengths.values())) != 1:
         raise UserError(f"{folder}: {part} files disagree in length ({lengths}); a write was interrupted or a file "
-                        f"was replaced; rebuild with: python database.py --bits {bits}")
+                        f"was replaced; rebuild with: {rebuild_command(folder, bits)}")
+    if labels.ndim == 2 and labels.shape[1] != len(meta["labels"]):
+        raise generation.corrupt(f"{part}_label_multihot.npy", f"{labels.shape[1]} label columns, meta.json has "
+                                 f"{len(meta['labels'])} labels")
+    if labels.ndim == 1 and len(labels) and (labels.min() < -1 or labels.max() >= len(meta["labels"])):
+        raise generation.corrupt(f"{part}_label.npy", f"labels outside -1..{len(meta['labels']) - 1}")
+    if feats is not None:
+        width = meta.get("feature_dim", feats.shape[1])
+        if feats.shape[1] != width or feats.shape[1] == 0:
+            raise generation.corrupt(f"{part}_feature.npy", f"{feats.shape[1]} features a row, meta.json says {width}")
+        check_finite(generation, f"{part}_feature.npy", feats)
     return EncodedImages(codes, labels, names, feats)
 
 
 def load_database(folder, bits, features=False):
     """(db EncodedImages, query EncodedImages, meta): what mAP.py, search.py, query.py and demo.py read.
 
-    Features are memory-mapped and only read when asked for (features=True).
+    Features are memory-mapped and only read when asked for (features=True). All files come from one generation
+    of the folder, or the read stops with CHANGED (database.py swapped a new one in meanwhile).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        # a database.py killed between its two renames leaves the previous database in .<name>.*.old/previous
-        aside = sorted(folder.parent.glob(f".{folder.name}.*.old/previous"))
-        hint = f" (an interrupted run left the previous one in {aside[-1]}: mv it back to {folder})" if aside else ""
-        raise UserError(f"database folder {folder} does not exist{hint}; build it with: python database.py --bits {bits}")
-    meta = read_meta(folder)
-    if int(meta["bits"]) != bits:
-        raise UserError(f"{folder} holds {meta['bits']}-bit codes but --bits {bits} was given; use --bits {meta['bits']} "
-                        f"or rebuild with: python database.py --bits {bits}")
-    label_kind = meta.get("label_kind", "single")  # databases written before multi-label data are single-label
-    if label_kind not in ("single", "multi"):
-        raise UserError(f"{folder / 'meta.json'} says label_kind {label_kind!r}, not 'single' or 'multi'; "
-                        f"rebuild with: python database.py --bits {bits}")
-    db = load_split(folder, "db", bits, features, label_kind)
-    query = load_split(folder, "query", bits, features, label_kind)
-    if label_kind == "multi" and db.labels.shape[1] != query.labels.shape[1]:
-        raise UserError(f"{folder}: db and query multi-hot labels have {db.labels.shape[1]} and "
-                        f"{query.labels.shape[1]} columns; rebuild with: python database.py --bits {bits}")
-    return db, query, meta
+    generation = Generation(folder, bits)
+    try:
+        meta = read_meta(folder, generation)
+        if meta["bits"] != bits:
+            raise UserError(f"{folder} holds {meta['bits']}-bit codes but --bits {bits} was given; use --bits "
+                            f"{meta['bits']} or rebuild with: python database.py --bits {bits}")
+        db, query = (load_split(generation, part, meta, features) for part in ("db", "query"))
+        if features and db.features.shape[1] != query.features.shape[1]:
+            raise generation.corrupt("query_feature.npy", f"{query.features.shape[1]} features a row, "
+                                     f"db_feature.npy has {db.features.shape[1]}")
+        return db, query, meta
+    except UserError:
+        if generation.replaced():  # whatever looked wrong, it was the folder changing under us
+            raise UserError(CHANGED) from None
+        raise
+    finally:
+        generation.close()
 
 
 def label_text(meta, label, class_names=None):
@@ -388,10 +554,10 @@ def retrieval_sources(args, net_args, ranks):
     Under torchrun local rank 0 of each machine builds the decoded caches while the others wait, then they read them.
     """
     image_folder, query_folder = Path(args.data_root) / "image", Path(args.data_root) / "query"
-    db_entries = MyDataset.read_list(image_folder / "list.txt", need_label=False)
-    query_entries = MyDataset.read_list(query_folder / "list.txt", need_label=False)
+    db_entries = MyDataset.read_list(image_folder / "list.txt", need_label=False, strict_paths=args.strict_paths)
+    query_entries = MyDataset.read_list(query_folder / "list.txt", need_label=False, strict_paths=args.strict_paths)
     db_labels, query_labels, every, label_kind = retrieval_labels(db_entries, query_entries, net_args["classes"],
-                                                                  known_labels(image_folder))
+                                                                  known_labels(image_folder, args.strict_paths))
     # every header in both lists is checked before either list is decoded or its first batch encoded
     lists = (("db", image_folder, db_entries, db_labels), ("query", query_folder, query_entries, query_labels))
     checked = {part: MyDataset.check_images(folder, entries, args.skip_bad) for part, folder, entries, _ in lists}
@@ -425,6 +591,7 @@ def build_database(args, ranks):
     for part, source in sources.items():
         encoded = encode_part(model, net_args, source, ranks, args.batch_size)
         if ranks.is_main:
+            refuse_non_finite(encoded[2], model_path, args.bits)
             parts[part] = encoded[:4]
             bad += [message for _, message in encoded[4]]
     if not ranks.is_main:
@@ -438,10 +605,14 @@ def build_database(args, ranks):
         "labels": every, "label_kind": label_kind, "protocol": data_protocol(args.data_root),
         "num_classes_trained": len(net_args["classes"]), "img_size": net_args["img_size"],
         "mean": net_args["mean"], "std": net_args["std"], "recipe": net_args["recipe"],
+        "feature_dim": int(parts["db"][2].shape[1]),
         "num_database": len(parts["db"][0]), "num_queries": len(parts["query"][0]), "skipped_bad": len(bad),
         "device": str(ranks.device), "world_size": ranks.world_size, "seconds": elapsed(started),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
     }
+    if len(parts["db"][0]) == 0:  # never an empty database over a good one
+        raise UserError(f"no database image was encoded (all {len(sources['db'].entries)} left out as unreadable); "
+                        f"{args.out} was left as it was")
     write_database(args.out, parts, meta)
     print(json.dumps({"database": args.out, "num_database": meta["num_database"], "num_queries": meta["num_queries"],
                       "bits": meta["bits"], "seconds": elapsed(started)}))

@@ -22,7 +22,7 @@ import MyDataset
 import database
 import index
 import mAP
-from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main
+from stage import UserError, atomic_write, common_args_parser, elapsed, non_negative_int, print_args, run_main
 
 RELEVANT, IRRELEVANT, UNKNOWN, QUERY = "#2ca02c", "#d62728", "#999999", "#1f77b4"
 
@@ -33,7 +33,7 @@ def get_args_parser():
                                               mAP.coarse_to_fine_args_parser()],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     index.add_backend_args(parser)
-    parser.add_argument("--num", type=int, default=0, help="0-based index of the query in database/ (default: %(default)s)")
+    parser.add_argument("--num", type=non_negative_int, default=0, help="0-based index of the query in database/ (default: %(default)s)")
     parser.add_argument("--image", default=None, metavar="PATH", help="query this image file instead")
     parser.add_argument("--show", action="store_true", help="also open the figure in a window")
     return parser

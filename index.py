@@ -33,7 +33,8 @@ import numpy as np
 
 import database
 import mAP
-from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main, sha256_file, write_json
+from stage import (UserError, atomic_write, common_args_parser, elapsed, non_negative_int, positive_int, print_args,
+                   run_main, sha256_file, threads_int, write_json)
 
 INDEX_FILE = "index.faiss"
 BACKENDS = ("exact", "faiss", "milvus")
@@ -403,22 +404,22 @@ def get_args_parser():
     parser = argparse.ArgumentParser("index.py", description=__doc__.split("\n")[0],
                                      parents=[common_args_parser(data_root=False, device=False)],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, required=True, help="code length; must match the database")
+    parser.add_argument("--bits", type=positive_int, required=True, help="code length; must match the database")
     parser.add_argument("--database", default="database", help="folder written by database.py (default: %(default)s)")
     parser.add_argument("--backend", default="faiss", choices=("faiss", "milvus"),
                         help="a faiss index file in --database, or a Milvus collection (default: %(default)s)")
     parser.add_argument("--kind", default="flat", choices=KINDS,
                         help="flat: exact; ivf: inverted lists, faster, may miss items (default: %(default)s)")
-    parser.add_argument("--nlist", type=int, default=None, help="ivf: lists (default: about 4 sqrt(N))")
-    parser.add_argument("--nprobe", type=int, default=None,
+    parser.add_argument("--nlist", type=positive_int, default=None, help="ivf: lists (default: about 4 sqrt(N))")
+    parser.add_argument("--nprobe", type=positive_int, default=None,
                         help="ivf: lists searched per query (default: the smallest reaching recall 0.99 in the self-check)")
     parser.add_argument("--uri", default="http://localhost:19530", help="milvus: the server (default: %(default)s)")
     parser.add_argument("--token", default="", help="milvus: token, user:password (default: none)")
     parser.add_argument("--collection", default=None, help="milvus: collection name (default: dlbhc_<bits>bits)")
-    parser.add_argument("--check-queries", type=int, default=200, help="self-check: queries (default: %(default)s)")
-    parser.add_argument("--check-topk", type=int, default=10, help="self-check: k of recall@k (default: %(default)s)")
-    parser.add_argument("--check-radius", type=int, default=2, help="self-check: Hamming radius (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--check-queries", type=non_negative_int, default=200, help="self-check: queries (default: %(default)s)")
+    parser.add_argument("--check-topk", type=positive_int, default=10, help="self-check: k of recall@k (default: %(default)s)")
+    parser.add_argument("--check-radius", type=non_negative_int, default=2, help="self-check: Hamming radius (default: %(default)s)")
+    parser.add_argument("--threads", type=threads_int, default=1,
                         help="faiss threads; more than 1 helps only on an idle machine (default: %(default)s)")
     return parser
 

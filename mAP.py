@@ -51,7 +51,8 @@ from tqdm import tqdm
 
 import database
 from net import pick_device
-from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main, write_json
+from stage import (UserError, atomic_write, common_args_parser, elapsed, memory_mb, non_negative_int, positive_int,
+                   print_args, refuse_json_constant, run_main, threads_int, write_json)
 
 TIES = ("shuffle", "index")
 CURVE_DEPTH = 1000  # P@k is reported for k = 1..min(CURVE_DEPTH, N)
@@ -591,14 +592,14 @@ def radius_study(items, query_codes, query_labels, query_features, radii, depth=
 def retrieval_args_parser(add_help=False, result_help="folder for what the stage writes"):
     """The flags of every stage that ranks (mAP.py, search.py, query.py, demo.py), as a parent parser."""
     parser = argparse.ArgumentParser(add_help=add_help)
-    parser.add_argument("--bits", type=int, required=True, help="code length; must match the database")
+    parser.add_argument("--bits", type=positive_int, required=True, help="code length; must match the database")
     parser.add_argument("--database", default="database", help="folder written by database.py (default: %(default)s)")
     parser.add_argument("--result", default="result", help=f"{result_help} (default: %(default)s)")
     parser.add_argument("--ties", default="shuffle", choices=TIES,
                         help="order of equal distances: a fixed seeded shuffle, or database order (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--threads", type=threads_int, default=os.cpu_count() or 1,
                         help="CPU threads ranking chunks of queries (default: %(default)s, the cores)")
-    parser.add_argument("--memory-mb", type=int, default=256,
+    parser.add_argument("--memory-mb", type=memory_mb, default=256,
                         help="working memory for chunks of queries on the CPU (default: %(default)s)")
     return parser
 
@@ -606,13 +607,13 @@ def retrieval_args_parser(add_help=False, result_help="folder for what the stage
 def coarse_to_fine_args_parser(add_help=False):
     """The flags of query.py and demo.py: the radius, k, and the model and batch size for --image."""
     parser = argparse.ArgumentParser(add_help=add_help)
-    parser.add_argument("--radius", type=int, default=None,
+    parser.add_argument("--radius", type=non_negative_int, default=None,
                         help="Hamming radius of the candidates (default: result/search_<bits>bits.json's "
                              f"recommendation for this model, else {DEFAULT_RADIUS})")
-    parser.add_argument("--topk", type=int, default=10, help="results per query (default: %(default)s)")
+    parser.add_argument("--topk", type=positive_int, default=10, help="results per query (default: %(default)s)")
     parser.add_argument("--model", default=None,
                         help="with --image: the model that built the database (default: the one meta.json names)")
-    parser.add_argument("--batch-size", type=int, default=64, help="with --image: images per forward pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="with --image: images per forward pass (default: %(default)s)")
     return parser
 
 
@@ -644,9 +645,9 @@ def default_radius(args, meta):
     path = Path(args.result) / f"search_{args.bits}bits.json"
     if path.is_file():
         try:
-            found = json.loads(path.read_text(encoding="utf-8"))
+            found = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_json_constant)
             radius = int(found["recommended_radius"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # not strict JSON counts as unreadable
             print(f"note: {path} is unreadable; using radius {DEFAULT_RADIUS} (rerun: python search.py --bits "
                   f"{args.bits})", file=sys.stderr)
             return DEFAULT_RADIUS, "default"
@@ -682,7 +683,7 @@ def get_args_parser():
                                      parents=[common_args_parser(data_root=False),
                                               retrieval_args_parser(result_help="folder for the JSON and figures")],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--topk", type=int, default=None,
+    parser.add_argument("--topk", type=positive_int, default=None,
                         help="k of mAP@k (default: the protocol's k where prepare_data.py recorded one, else 1000)")
     parser.add_argument("--rerank", action="store_true",
                         help="order equal Hamming distances by fc7 Euclidean distance (reads the features)")

@@ -36,49 +36,52 @@ from net import (IMAGENET_MEAN, IMAGENET_STD, PRECISIONS, RECIPES, all_reduce_su
                  distributed_args_parser, distributed_run, from_main, hashing_loss, load_pretrained, local_main_first,
                  model_args, model_name, read_checkpoint, save_checkpoint, setup_ranks, uses_bf16, wrap_for_ranks,
                  cpu_has_native_bf16)
-from stage import UserError, common_args_parser, print_args, run_main, write_text
+from stage import (UserError, common_args_parser, fraction, int_in, non_negative_float, non_negative_int, positive_float,
+                   positive_int, print_args, run_main, seed_int, to_json, write_text)
 
 # flags that say where and how a run goes, not what it trains: a resumed run takes them as given now
 RESUME_MAY_CHANGE = ("data_root", "device", "debug", "workers", "model_dir", "result", "skip_bad", "no_cache", "compile",
-                     "precision", "dist_timeout")
+                     "precision", "dist_timeout", "strict_paths")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("mytrain.py", description=__doc__.split("\n")[0],
                                      parents=[common_args_parser(), distributed_args_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, default=48, help="hash code length, 8..4096 (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=30, help="passes over trainlist (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=128,
+    parser.add_argument("--bits", type=positive_int, default=48, help="hash code length, 8..4096 (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=30, help="passes over trainlist (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="images per step, over all ranks under torchrun (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=positive_float, default=None,
                         help="peak learning rate (default: 3e-4 for AdamW, 0.01 for SGD); new layers get 10x when pretrained")
-    parser.add_argument("--new-lr-scale", type=float, default=None,
+    parser.add_argument("--new-lr-scale", type=positive_float, default=None,
                         help="learning-rate multiplier of the latent and classifier layers when the rest is pretrained, "
                              "as in DLBHC's solver (default: 10 with --pretrained, 1 from scratch)")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, in epochs, before cosine decay (default: %(default)s)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="(default: %(default)s)")
-    parser.add_argument("--binarize", type=float, default=0.0,
+    parser.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="(default: %(default)s)")
+    parser.add_argument("--warmup", type=non_negative_float, default=1.0, help="linear warm-up, in epochs, before cosine decay (default: %(default)s)")
+    parser.add_argument("--label-smoothing", type=fraction, default=0.0, help="(default: %(default)s)")
+    parser.add_argument("--binarize", type=non_negative_float, default=0.0,
                         help="weight of SSDH's term pushing latent outputs toward 0 or 1 (default: %(default)s)")
-    parser.add_argument("--balance", type=float, default=0.0,
+    parser.add_argument("--balance", type=non_negative_float, default=0.0,
                         help="weight of SSDH's term pushing each bit toward 50%% activation (default: %(default)s)")
-    parser.add_argument("--dropout", type=float, default=None, help="fc6/fc7 dropout (default: 0.5 for --recipe dlbhc, 0 otherwise)")
+    parser.add_argument("--dropout", type=fraction, default=None, help="fc6/fc7 dropout (default: 0.5 for --recipe dlbhc, 0 otherwise)")
     parser.add_argument("--recipe", default="bnconv", choices=RECIPES,
                         help="bnconv: BatchNorm after every conv and before the latent sigmoid; bn: before the latent sigmoid "
                              "only; dlbhc: the paper's network and loss (default: %(default)s)")
-    parser.add_argument("--img-size", type=int, default=224, help="input size in pixels, >= 64 (default: %(default)s)")
+    parser.add_argument("--img-size", type=int_in(64, 4096), default=224, help="input size in pixels, >= 64 (default: %(default)s)")
     parser.add_argument("--pretrained", default="imagenet",
                         help="imagenet (torchvision's AlexNet weights), none (from scratch) or PATH of an AlexNet state_dict (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="processes decoding images (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="(default: %(default)s)")
     parser.add_argument("--model-dir", default="model", help="where models are saved (default: %(default)s)")
     parser.add_argument("--result", default="result", help="where bad_images.txt goes (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the newest interrupted run with these --bits")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, listed in result/bad_images.txt")
     parser.add_argument("--no-cache", action="store_true", help="stream images through DataLoader workers instead of the decoded cache")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; costs compile time up front)")
+    parser.add_argument("--strict-paths", action="store_true",
+                        help="refuse list entries outside data/image (absolute paths, ..) instead of warning")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="the training step's autocast; auto: bf16 on CUDA, fp32 on the CPU (bf16 measured slower "
                              "there, README); evaluation and encoding keep the device's default (default: %(default)s)")
@@ -237,8 +240,9 @@ def resumed_args(args, ranks):
 def training_lists(args):
     """(folder, (train entries, label indices), (test entries, label indices), classes): cheap, before any decoding."""
     folder = Path(args.data_root) / "image"
-    train_entries = MyDataset.read_list(folder / "trainlist.txt", need_label=True)
-    test_entries = MyDataset.read_list(folder / "testlist.txt", need_label=True)
+    strict = getattr(args, "strict_paths", False)
+    train_entries = MyDataset.read_list(folder / "trainlist.txt", need_label=True, strict_paths=strict)
+    test_entries = MyDataset.read_list(folder / "testlist.txt", need_label=True, strict_paths=strict)
     classes = MyDataset.training_classes(train_entries)
     if len(classes) < 2:
         raise UserError(f"{folder / 'trainlist.txt'} has {len(classes)} class; training a classifier needs at least 2")
@@ -362,10 +366,10 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
 
 def write_epoch(record, log_path, resume_path, resume_state):
     """The epoch's JSON line on stdout and appended to the log, then the resume state, written atomically."""
-    print(json.dumps(record), flush=True)
+    print(to_json(record), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write(json.dumps(record) + "\n")
+        log.write(to_json(record) + "\n")
     save_checkpoint(resume_path, **resume_state)
 
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stage import UserError, atomic_write
+from stage import UserError, atomic_write, positive_float
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,7 +114,7 @@ class Ranks:
 def distributed_args_parser():
     """--dist-timeout, for the stages that run under torchrun (mytrain.py, database.py), passed as a parent."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--dist-timeout", type=float, default=1800,
+    parser.add_argument("--dist-timeout", type=positive_float, default=1800,
                         help="under torchrun: seconds a rank waits for the others (a collective, the decoded-cache "
                              "build) before the job ends (default: %(default)s)")
     return parser

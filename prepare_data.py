@@ -49,6 +49,7 @@ leaves every other file in place.
 """
 import argparse
 import codecs
+import errno
 import gzip
 import io
 import json
@@ -58,6 +59,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import time
 import zlib
 from collections import Counter
@@ -69,7 +71,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from MyDataset import IMAGE_SUFFIXES, read_list, sort_labels
-from stage import UserError, common_args_parser, elapsed, print_args, run_main, write_json, write_text
+from stage import (UserError, common_args_parser, elapsed, finite_float, positive_int, print_args, run_main, seed_int,
+                   write_json, write_text)
 
 DATASETS = ("fashion-mnist", "cifar10", "folder", "nus-wide", "coco", "imagenet100")
 BENCHMARKS = ("nus-wide", "coco", "imagenet100")  # read the standard list files beside a local copy of the images
@@ -123,17 +126,19 @@ def get_args_parser():
     parser.add_argument("--download-dir", default=None,
                         help="where torchvision downloads to when --source lacks the data "
                              "(default: <data-root>/download)")
-    parser.add_argument("--test-fraction", type=float, default=0.2,
+    parser.add_argument("--test-fraction", type=finite_float, default=0.2,
                         help="folder mode: share of each class that becomes test images and queries "
                              "(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="folder mode and cifar10 --protocol dsh: seed of the "
+    parser.add_argument("--seed", type=seed_int, default=0, help="folder mode and cifar10 --protocol dsh: seed of the "
                                                            "split (default: %(default)s)")
-    parser.add_argument("--limit-per-class", type=int, default=None,
+    parser.add_argument("--limit-per-class", type=positive_int, default=None,
                         help="keep the first N training images of each class (default: all)")
-    parser.add_argument("--limit-test-per-class", type=int, default=None,
+    parser.add_argument("--limit-test-per-class", type=positive_int, default=None,
                         help="keep the first M test images (queries) of each class (default: all)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                         help="processes encoding and writing images (default: %(default)s)")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="folder mode: also copy images that symlinks lead to outside the folder (default: skip them)")
     parser.add_argument("--force", action="store_true",
                         help="replace list files and images that differ from what this command writes")
     return parser
@@ -192,6 +197,7 @@ class Prepared:
     source: str  # where the data was read from
     database: LabelledImages | None = None  # None: the database is the training split
     in_place: bool = False  # names are the source images' absolute paths: lists point at them, nothing is copied
+    skipped: dict | None = None  # folder mode: files not taken, by reason
 
 
 def array_split(split_name, pixels, labels):
@@ -385,11 +391,43 @@ def is_hidden(name):
     return name.startswith(".")
 
 
-def class_files(folder):
+SKIPPED = {  # why a file in a source folder was not taken, as counted and printed
+    "special": "not regular files (FIFO, device, socket)",
+    "outside": "symlinks leading outside the folder (--follow-symlinks follows them)",
+    "broken": "broken or looping symlinks",
+    "not-image": "files whose header is not an image",
+}
+
+
+def admissible(path, root, follow_symlinks, skipped):
+    """True when path may be copied: a regular file whose header is an image, reached through a symlink only
+    when the link stays inside root or follow_symlinks. Anything else is counted in skipped (a Counter)."""
+    if os.path.islink(path):
+        try:
+            target = Path(os.path.realpath(path, strict=True))
+        except (OSError, RuntimeError):  # dangling, or a loop (ELOOP)
+            skipped["broken"] += 1
+            return False
+        if not follow_symlinks and not target.is_relative_to(root):
+            skipped["outside"] += 1
+            return False
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read, /dev/zero never ends
+            skipped["special"] += 1
+            return False
+        with Image.open(path):
+            return True
+    except OSError:  # PIL's UnidentifiedImageError is an OSError too
+        skipped["not-image"] += 1
+        return False
+
+
+def class_files(folder, root, follow_symlinks, skipped):
     """{class folder name: [image paths relative to that class folder, sorted]} for the class subfolders of folder.
 
-    Images are files with a suffix in MyDataset.IMAGE_SUFFIXES, found recursively; hidden files and folders
-    (.cache, .DS_Store) are skipped. Symlinked folders are not followed.
+    Images are files with a suffix in MyDataset.IMAGE_SUFFIXES, found recursively, that admissible() takes;
+    hidden files and folders (.cache, .DS_Store) are skipped. Symlinked folders inside a class are not followed
+    (no loop can trap the walk); a symlinked class folder is, when it stays inside root or follow_symlinks.
     """
     folder = Path(folder)
     found = {}
@@ -402,12 +440,16 @@ def class_files(folder):
             continue
         if not entry.is_dir(follow_symlinks=True):
             continue
+        if entry.is_symlink() and not follow_symlinks and not Path(os.path.realpath(entry.path)).is_relative_to(root):
+            skipped["outside"] += 1
+            continue
         images = []
-        for root, dirs, files in os.walk(entry.path):
+        for where, dirs, files in os.walk(entry.path):
             dirs[:] = [d for d in dirs if not is_hidden(d)]
-            relative = Path(root).relative_to(entry.path)
+            relative = Path(where).relative_to(entry.path)
             images += [(relative / name).as_posix() for name in files
-                       if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+                       if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
+                       and admissible(os.path.join(where, name), root, follow_symlinks, skipped)]
         if images:
             found[entry.name] = sorted(images)
         else:
@@ -415,6 +457,12 @@ def class_files(folder):
     if loose:
         print(f"note: {loose} image(s) directly in {folder} belong to no class folder and are left out", flush=True)
     return found
+
+
+def report_skipped(folder, skipped):
+    if skipped:
+        print(f"note: skipped {sum(skipped.values())} file(s) in {folder}: "
+              + ", ".join(f"{count} {SKIPPED[why]}" for why, count in sorted(skipped.items())), flush=True)
 
 
 def label_token(text):
@@ -476,9 +524,11 @@ def load_folder(folder, args):
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; give a folder of class subfolders: PATH/<class>/<image>")
     check_overlap(folder, args.data_root)
+    root, skipped = folder.resolve(), Counter()
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         print(f"{folder} holds train/ and test/: keeping that split (--test-fraction and --seed unused)", flush=True)
-        train_found, test_found = class_files(folder / "train"), class_files(folder / "test")
+        train_found = class_files(folder / "train", root, args.follow_symlinks, skipped)
+        test_found = class_files(folder / "test", root, args.follow_symlinks, skipped)
         unseen = sorted(set(test_found) - set(train_found))
         if unseen:
             raise UserError(f"{folder / 'test'} has classes that {folder / 'train'} lacks ({', '.join(unseen[:5])}); "
@@ -487,7 +537,7 @@ def load_folder(folder, args):
         train = files_split("train", folder / "train", [(c, p) for c in train_found for p in train_found[c]], tokens)
         test = files_split("test", folder / "test", [(c, p) for c in test_found for p in test_found[c]], tokens)
     else:
-        found = class_files(folder)
+        found = class_files(folder, root, args.follow_symlinks, skipped)
         tokens = token_map(found, folder)
         train_picked, test_picked = [], []
         for class_name, paths in found.items():
@@ -501,8 +551,9 @@ def load_folder(folder, args):
     if len(train) == 0:
         raise UserError(f"{folder} holds no class subfolder with images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "arrange it as PATH/<class>/<image>")
+    report_skipped(folder, skipped)
     classes = {token: name for name, token in tokens.items()}
-    return Prepared(classes, train, test, str(folder))
+    return Prepared(classes, train, test, str(folder), skipped={SKIPPED[why]: count for why, count in skipped.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -685,6 +736,15 @@ def store(path, data, pixels, force, like=None):
     return "written"
 
 
+def read_regular_file(path):
+    """The bytes of path, refused unless it is (still) a regular file: never blocks on a FIFO swapped in."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return f.read()
+
+
 def write_chunk(task):
     """Worker: write one chunk of a split into each of its folders. Returns (images, Counter of outcomes)."""
     folders, names, pixels, files, force = task
@@ -694,7 +754,7 @@ def write_chunk(task):
             data, like, image = png_bytes(pixels[i]), None, pixels[i]
         else:
             try:
-                data, like, image = Path(files[i]).read_bytes(), files[i], None
+                data, like, image = read_regular_file(files[i]), files[i], None
             except OSError as err:
                 raise UserError(f"{files[i]} cannot be read ({first_line(err)})") from None
         for folder in folders:
@@ -830,7 +890,7 @@ def main():
     counts.update({"train_per_class": per_class(train.labels), "test_per_class": per_class(test.labels)})
     write_json(Path(args.data_root) / "prepare_data.json",
                {"dataset": args.dataset, "source": prepared.source, "classes": classes, "counts": counts,
-                "protocol": protocol, "args": vars(args)})
+                "protocol": protocol, "skipped": prepared.skipped or {}, "args": vars(args)})
     summary = {"data_root": args.data_root, "classes": len(classes), "protocol": protocol and protocol["name"],
                **{k: v for k, v in counts.items() if not k.endswith("per_class")},
                "files_written": outcomes["written"], "files_unchanged": outcomes["unchanged"],

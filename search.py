@@ -29,7 +29,8 @@ import numpy as np
 import database
 import mAP
 from net import pick_device
-from stage import UserError, atomic_write, common_args_parser, elapsed, print_args, run_main, write_json, write_text
+from stage import (UserError, atomic_write, common_args_parser, elapsed, non_negative_float, non_negative_int, positive_int,
+                   print_args, run_main, write_json, write_text)
 
 COLUMNS = ("radius", "candidates", "precision@10", "mAP", "ms/query")
 PRECISION_DEPTH = 10  # the 10 of precision@10, and the results a timed retrieval returns
@@ -40,14 +41,14 @@ def get_args_parser():
                                      parents=[common_args_parser(data_root=False),
                                               mAP.retrieval_args_parser(result_help="folder for the table, figure and JSON")],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-radius", type=int, default=None, help="largest radius studied (default: bits/2)")
-    parser.add_argument("--queries", type=int, default=1000,
+    parser.add_argument("--max-radius", type=non_negative_int, default=None, help="largest radius studied (default: bits/2)")
+    parser.add_argument("--queries", type=non_negative_int, default=1000,
                         help="labelled queries in the study, a seeded sample; 0 for all (default: %(default)s)")
-    parser.add_argument("--time-queries", type=int, default=20,
+    parser.add_argument("--time-queries", type=non_negative_int, default=20,
                         help="queries the retrieval time is measured on (default: %(default)s)")
-    parser.add_argument("--topk", type=int, default=10,
+    parser.add_argument("--topk", type=positive_int, default=10,
                         help="results a query needs: the recommended radius holds this many on average (default: %(default)s)")
-    parser.add_argument("--tolerance", type=float, default=0.005,
+    parser.add_argument("--tolerance", type=non_negative_float, default=0.005,
                         help="precision@10 below the best that still counts as the best (default: %(default)s)")
     return parser
 
@@ -112,7 +113,7 @@ def main():
     timed = min(args.time_queries, len(take))
     rows = []
     for j, radius in enumerate(radii):
-        seconds = float("nan")
+        seconds = float("nan")  # not timed (--time-queries 0): nan in the table, null in the JSON
         if timed:
             tic = time.perf_counter()
             mAP.coarse_to_fine(items, codes[:timed], features[:timed], radius, PRECISION_DEPTH, grow=False)

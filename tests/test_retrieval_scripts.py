@@ -139,7 +139,7 @@ def test_metrics_refuse_a_database_without_labels(tmp_path, name):
 
 def test_query_flags_are_checked(workdir):
     root, _ = workdir
-    for flags, message in ((["--radius", 17], "--radius 17"), (["--topk", 0], "--topk 0"),
+    for flags, message in ((["--radius", 17], "--radius 17"), (["--topk", 0], "argument --topk: must be an integer at least 1, got 0"),
                            (["--image", "nowhere.png"], "no such file")):
         result = run(script("query.py"), "--bits", BITS, *flags, cwd=root, check=False)
         assert result.returncode == 2 and message in result.stderr

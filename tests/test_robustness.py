@@ -627,7 +627,7 @@ def test_a_killed_or_failed_database_run_leaves_the_previous_database_intact(bui
     if fault.startswith("kill"):
         assert result.returncode == -signal.SIGKILL
     else:
-        fails(result, "database", "Operation not permitted" if fault == "swap-fails" else "No space left")
+        fails(result, "database", "Operation not permitted" if fault == "swap-fails" else "no space left on device")
     assert snapshot(built_copy / "database") == before
     db, query, meta = database.load_database(built_copy / "database", BITS, features=True)
     assert len(query.codes) == 4 and meta["num_queries"] == 4
