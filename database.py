@@ -95,8 +95,9 @@ def encode_share(model, model_args, source, device, batch_size, rank=0, world_si
     codes = np.zeros((len(source), (model_args["bits"] + 7) // 8), dtype=np.uint8)
     features = np.zeros((len(source), 4096), dtype=np.float16)
     encoded = np.zeros(len(source), dtype=bool)
+    quiet = {} if rank == 0 else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE
     bar = MyDataset.tqdm(total=len(source), desc=f"encode {source.name}", unit="img", leave=False, mininterval=1,
-                         disable=rank != 0)
+                         **quiet)
     batches = source.batches(batch_size, rank=rank, world_size=world_size, whole=True)
     for images, _, positions in batches:
         x = MyDataset.eval_transform(images, model_args["img_size"], model_args["mean"], model_args["std"])

@@ -339,8 +339,9 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
     loss_sum = torch.zeros((), device=ranks.device)
     correct = torch.zeros((), dtype=torch.int64, device=ranks.device)
     batches = train.batches(args.batch_size, generator, ranks.rank, ranks.world_size)
+    quiet = {} if ranks.is_main else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE
     bar = MyDataset.tqdm(batches, total=steps_per_epoch,
-                         leave=False, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", disable=not ranks.is_main)
+                         leave=False, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", **quiet)
     for i, (images, labels, _) in enumerate(bar):
         batch = min(args.batch_size, len(train) - i * args.batch_size)  # this step's global batch
         # BatchNorm cannot train on one image, and every rank must take part in every step (DDP's all-reduce)
