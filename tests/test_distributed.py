@@ -127,20 +127,26 @@ def worker_pid(launcher_pid, rank):
     return None
 
 
+def signal_rank_1_after_epoch_1(root, args, model_dir, signum):
+    """Start a 2-rank training, send signum to rank 1 once the first epoch's state is written: (launcher, its pid)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **THREADS}
+    launcher = subprocess.Popen([sys.executable, *map(str, args)], cwd=root, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not list((root / model_dir).glob("*.resume")) and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = worker_pid(launcher.pid, 1)
+    assert pid is not None and launcher.poll() is None, "the run ended before its second epoch"
+    os.kill(pid, signum)
+    return launcher, pid
+
+
 def test_a_killed_rank_ends_the_job_and_resume_finishes_it(trained):
     """SIGKILL rank 1 once the first epoch's state is written: the job fails within its timeout, --resume finishes
     it, and the resumed run's epochs are those of the uninterrupted 2-rank run."""
     root, _ = trained
     args = torchrun_args("mytrain.py", *TRAIN, "--model-dir", "killed")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **THREADS}
-    launcher = subprocess.Popen([sys.executable, *map(str, args)], cwd=root, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while not list((root / "killed").glob("*.resume")) and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    pid = worker_pid(launcher.pid, 1)
-    assert pid is not None and launcher.poll() is None, "the run ended before its second epoch"
-    os.kill(pid, signal.SIGKILL)
+    launcher, _ = signal_rank_1_after_epoch_1(root, args, "killed", signal.SIGKILL)
     output, _ = launcher.communicate(timeout=300)  # no hang: the other rank and the launcher end
     assert launcher.returncode != 0
     assert "exitcode  : -9" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
@@ -157,15 +163,7 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(trained):
     and torchrun ends the job non-zero instead of waiting forever."""
     root, _ = trained
     args = torchrun_args("mytrain.py", *TRAIN[:-2], "--dist-timeout", 30, "--model-dir", "stopped")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **THREADS}
-    launcher = subprocess.Popen([sys.executable, *map(str, args)], cwd=root, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while not list((root / "stopped").glob("*.resume")) and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    pid = worker_pid(launcher.pid, 1)
-    assert pid is not None and launcher.poll() is None, "the run ended before its second epoch"
-    os.kill(pid, signal.SIGSTOP)
+    launcher, pid = signal_rank_1_after_epoch_1(root, args, "stopped", signal.SIGSTOP)
     try:
         output, _ = launcher.communicate(timeout=300)  # 30 s for the timeout, 30 s for torchrun to kill rank 1
     finally:
