@@ -175,6 +175,14 @@ def flag_text(flag, value):
     return option if isinstance(value, bool) else f"{option} {value}"
 
 
+def parses_to(flag_type, value):
+    """Whether the flag's type, given value as text, accepts it and gives it back."""
+    try:
+        return flag_type(str(value)) == value
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
+
+
 def saved_args_problem(saved):
     """The first flag of a resume state's args whose value this parser would never produce, or None."""
     actions = {action.dest: action for action in get_args_parser()._actions}
@@ -184,9 +192,8 @@ def saved_args_problem(saved):
             continue
         if isinstance(action, argparse._StoreTrueAction):
             fits = isinstance(value, bool)
-        elif action.type in (int, float):
-            fits = (isinstance(value, action.type) or action.type is float and isinstance(value, int)) \
-                and not isinstance(value, bool) and math.isfinite(value)
+        elif action.type not in (None, str):  # a number, range-checked by the flag's own type
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and parses_to(action.type, value)
         else:
             fits = isinstance(value, str)
         if not fits or (action.choices and value not in action.choices):
