@@ -494,7 +494,10 @@ def train_transform(images, img_size, mean, std, generator, min_area=0.6, rows=N
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = scale_x * flip, shift_x
     theta[:, 1, 1], theta[:, 1, 2] = scale_y, shift_y
-    grid = F.affine_grid(theta[start:stop].to(x.device), [stop - start, 3, img_size, img_size], align_corners=False)
+    # a streamed batch may have lost images found bad only when decoded (--skip-bad): the draws were made for the
+    # whole batch all the same, so the generator stays where a clean pass would leave it
+    theta = theta[start:stop][:x.shape[0]]
+    grid = F.affine_grid(theta.to(x.device), [x.shape[0], 3, img_size, img_size], align_corners=False)
     out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
     return out.contiguous(memory_format=torch.channels_last)
 

@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
 
 
 def weights(model_path):
-    return torch.load(model_path, map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(model_path, map_location="cpu", weights_only=True)["model"]
 
 
 def same_bytes(db_a, db_b):
