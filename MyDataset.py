@@ -191,11 +191,15 @@ def training_classes(train_entries):
 def class_indices(entries, classes, list_path):
     """Label index of each entry against the training classes; an unseen label is an error (testlist)."""
     index = {label: i for i, label in enumerate(classes)}
-    for entry in entries:
-        if entry.label not in index:
-            raise UserError(f"{list_path}:{entry.line}: label {entry.label!r} never occurs in the training list; "
-                            "every testlist label must be a training class")
-    return np.array([index[entry.label] for entry in entries], dtype=np.int64)
+    return np.array([training_class(index, entry, entry.label, list_path) for entry in entries], dtype=np.int64)
+
+
+def training_class(index, entry, label, list_path):
+    """index[label], or the one-line error naming the list line whose label training never saw."""
+    if label not in index:
+        raise UserError(f"{list_path}:{entry.line}: label {label!r} never occurs in the training list; "
+                        "every testlist label must be a training class")
+    return index[label]
 
 
 def retrieval_labels(entries, classes, known):
@@ -218,10 +222,7 @@ def multi_hot(entries, classes, list_path):
     hot = np.zeros((len(entries), len(classes)), dtype=bool)
     for row, entry in enumerate(entries):
         for label in entry.labels:
-            if label not in index:
-                raise UserError(f"{list_path}:{entry.line}: label {label!r} never occurs in the training list; "
-                                "every testlist label must be a training class")
-            hot[row, index[label]] = True
+            hot[row, training_class(index, entry, label, list_path)] = True
     return hot
 
 
