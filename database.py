@@ -285,13 +285,21 @@ class Generation:
         self.fd = self._open_folder()
 
     def _open_folder(self):
-        for _ in range(40):  # a swap leaves the name empty for an instant: wait for it rather than call it missing
+        # A swap leaves the name empty for an instant, with the previous folder aside: wait for it rather than call
+        # it missing. The swap may also end between a failed open and the look aside, so the name counts as missing
+        # only when it is found missing twice in a row with nothing aside.
+        missed = False
+        for _ in range(40):
             try:
                 return os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
             except FileNotFoundError:
-                if not self._aside():
+                if self._aside():
+                    missed = False
+                    time.sleep(0.05)
+                elif missed:
                     break
-                time.sleep(0.05)
+                else:
+                    missed = True
             except NotADirectoryError:
                 raise UserError(f"{self.folder} is not a folder; {self.rebuild}") from None
         aside = self._aside()
