@@ -18,8 +18,10 @@ result/bench_train.json. Ratios are what to compare: this machine is shared and 
 
 --parts step times the ceiling's training step (and the encoding forward pass) under CPU configurations:
 fp32 or bf16 autocast, channels_last or not, 1 thread, oneDNN off, oneDNN's fp32 convolutions and matmuls in bf16,
-torch.compile (its compile time reported). The configurations run interleaved, A B C A B C ..., and each is reported
-as its step time over fp32's in the same round: the median and range over rounds.
+torch.compile (its compile time reported), and AdamW's loop over parameters (mytrain.py --no-fused) instead of the
+fused kernel that every other configuration uses, as mytrain.py does. The configurations run interleaved,
+A B C A B C ..., and each is reported as its step time over fp32's in the same round: the median and range over
+rounds.
 """
 import argparse
 import contextlib
@@ -64,6 +66,7 @@ def get_args_parser():
 # name: settings; fp32 (contiguous, eager, every thread, oneDNN on) is the reference of every ratio
 STEP_CONFIGS = (
     ("fp32", {}),
+    ("fp32 AdamW loop", {"fused": False}),
     ("fp32 channels_last", {"channels_last": True}),
     ("bf16", {"bf16": True}),
     ("bf16 channels_last", {"bf16": True, "channels_last": True}),
@@ -104,7 +107,7 @@ class Step:
         self.model = AlexNetPlusLatent(48, classes, "bn", 0.0).to(device).train()
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)  # as mytrain.py's
 
     def __call__(self, x, labels):
         with autocast(self.device):
@@ -226,7 +229,7 @@ class ConfiguredStep:
         if settings.get("channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = torch.compile(self.model) if settings.get("compile") else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=settings.get("fused", True))
 
     @contextlib.contextmanager
     def environment(self, threads):
