@@ -21,7 +21,6 @@ import math
 import os
 import re
 import sys
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +65,7 @@ class ListFile(list):
         self.multi = any(len(entry.labels) > 1 for entry in entries)
 
 
+ONE_HOT_VALUES = frozenset(("0", "1"))
 LIST_FORMS = "'<path> <label>', '<path> <label>,<label>,...' or one-hot '<path> 0 1 0 ... 1' (two columns or more)"
 
 
@@ -76,10 +76,14 @@ def parse_labels(fields, list_path, number, line):
         if not all(tokens):
             raise UserError(f"{list_path}:{number}: empty label in {fields[0]!r}; write '<path> <label>,<label>'")
         return "labels", tuple(dict.fromkeys(tokens))
-    if any(value not in ("0", "1") for value in fields):
+    if not ONE_HOT_VALUES.issuperset(fields):
         raise UserError(f"{list_path}:{number}: expected {LIST_FORMS} separated by whitespace; one-hot columns are "
                         f"0 or 1, got {len(fields) + 1} field(s): {line.strip()[:80]!r}")
-    return "onehot", tuple(str(column) for column, value in enumerate(fields) if value == "1")
+    labels, column = [], -1
+    for _ in range(fields.count("1")):  # each 1 found by the C search, not a Python loop over every column
+        column = fields.index("1", column + 1)
+        labels.append(str(column))
+    return "onehot", tuple(labels)
 
 
 def parse_lines(text, list_path, need_label):
@@ -87,7 +91,7 @@ def parse_lines(text, list_path, need_label):
     entries, form, columns, first = [], None, None, None
     # lines end at \n, \r\n or \r only: a name holding another line separator is refused below, not split
     for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
-        bad = control_character(line.replace("\t", ""))  # spaces and tabs separate fields; nothing else may
+        bad = control_character(line, CONTROL_BUT_TAB)  # spaces and tabs separate fields; nothing else may
         if bad is not None:
             raise UserError(f"{list_path}:{number}: holds the control character {bad!r}, which would break the "
                             f"one-line-per-item files; rename the file: {line.strip()[:80]!r}")
@@ -119,15 +123,22 @@ def parse_lines(text, list_path, need_label):
     return entries, form or "paths", columns
 
 
-def control_character(text):
+# Unicode's categories Cc (controls), Zl and Zp (line and paragraph separators): fixed sets under Unicode's stability
+# policy (a test checks both classes against unicodedata over every code point)
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")  # in list lines, tabs separate fields
+
+
+def control_character(text, pattern=CONTROL):
     """The first control or line-separator character in text, or None: such a name would break the
     one-line-per-item files (list files, names files, query.txt)."""
-    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    found = pattern.search(text)
+    return found.group() if found else None
 
 
 def outside(path):
     """True when a list entry leads outside its list's folder: an absolute path, or one climbing out with '..'."""
-    return os.path.isabs(path) or os.path.normpath(path).split(os.sep)[0] == ".."
+    return os.path.isabs(path) or (".." in path and os.path.normpath(path).split(os.sep)[0] == "..")
 
 
 def read_list(list_path, need_label, strict_paths=False):

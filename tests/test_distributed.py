@@ -12,12 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, make_dataset, run
+
+# the module's trained runs are made once: every test of it on one pytest-xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("distributed")
 
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # the paper's recipe without dropout: no BatchNorm (per rank on the CPU, README) and no per-rank random masks,
@@ -164,14 +168,27 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_timeout(trained):
     root, _ = trained
     args = torchrun_args("mytrain.py", *TRAIN[:-2], "--dist-timeout", 30, "--model-dir", "stopped")
     launcher, pid = signal_rank_1_after_epoch_1(root, args, "stopped", signal.SIGSTOP)
+    lines, gave_up = [], threading.Event()
+
+    def read_output():
+        for line in launcher.stdout:
+            lines.append(line)
+            if "error: rank 0 lost contact with the other ranks (" in line:
+                gave_up.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
-        output, _ = launcher.communicate(timeout=300)  # 30 s for the timeout, 30 s for torchrun to kill rank 1
+        assert gave_up.wait(timeout=300), "".join(lines)[-3000:]  # 30 s of --dist-timeout, then the line
+        # rank 0 has given up and torchrun ends the job: it sends rank 1 SIGTERM and, as rank 1 is stopped, would
+        # wait 30 s before SIGKILL; waking rank 1 lets the SIGTERM end it now
+        os.kill(pid, signal.SIGCONT)
+        assert launcher.wait(timeout=300) != 0
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    assert launcher.returncode != 0
-    assert "error: rank 0 lost contact with the other ranks (" in output, output[-3000:]
-    assert "continue it with the same command and --resume" in output
+    reader.join(timeout=60)
+    assert "continue it with the same command and --resume" in "".join(lines)
 
 
 def test_batch_smaller_than_the_ranks_is_refused(trained):

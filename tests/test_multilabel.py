@@ -13,6 +13,9 @@ from conftest import REPO, class_image, run
 
 import MyDataset  # noqa: E402
 
+# the module's trained runs are made once: every test of it on one pytest-xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("multilabel")
+
 
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)

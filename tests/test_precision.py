@@ -6,6 +6,9 @@ import torch
 
 from conftest import REPO, make_dataset, run
 
+# the module's trained runs are made once: every test of it on one pytest-xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("precision")
+
 # bf16 is emulated, and slow, on a CPU without AVX512_BF16/AMX: one epoch of two steps is enough to compare bytes
 TRAIN = ("--bits", 16, "--pretrained", "none", "--img-size", 64, "--epochs", 1, "--batch-size", 12,
          "--device", "cpu", "--workers", 0, "--seed", 0)

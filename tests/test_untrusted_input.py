@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -428,6 +429,20 @@ def test_control_characters_in_list_paths_are_refused(tmp_path, character):
     listed.write_text(f"a.png 0\nb{character}c.png 1\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"list.txt:2: holds the control character"):
         MyDataset.read_list(listed, need_label=True)
+
+
+def test_the_control_character_classes_are_unicodes_over_every_code_point(tmp_path):
+    """MyDataset's two regular expressions against unicodedata's categories Cc, Zl, Zp, for all 1,114,112 code
+    points; in list lines a tab separates fields and is no control character."""
+    for point in range(sys.maxunicode + 1):
+        character = chr(point)
+        control = unicodedata.category(character) in ("Cc", "Zl", "Zp")
+        assert (MyDataset.control_character(character) is not None) == control, hex(point)
+        assert (MyDataset.control_character(character, MyDataset.CONTROL_BUT_TAB) is not None) == (
+            control and character != "\t"), hex(point)
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.png\t0\nb.png \t 1\n", encoding="utf-8")
+    assert [e.label for e in MyDataset.read_list(listed, need_label=True)] == ["0", "1"]
 
 
 def test_query_image_refuses_names_with_a_newline_and_special_files(fake):
