@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole job on the Fashion-MNIST default: set-up, data, training, encoding, evaluation, retrieval, demo.
-#   bash run.sh             # CUDA present: all 60,000/10,000 images at 224 px; CPU: the quick mode (about 10 min)
+#   bash run.sh             # CUDA present: all 60,000/10,000 images at 224 px; CPU: the quick mode (its training about 11 min on 2 cores)
 #   BITS=64 bash run.sh     # another code length
 # Works offline where the Debian package dataset-fashion-mnist can be installed (or its idx files are present).
 set -euo pipefail
