@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 import MyDataset
-from net import (autocast, build_model, distributed_args_parser, distributed_run, from_main, gather_to_main, load_model,
-                 local_main_first, newest_model, setup_ranks)
+from net import (autocast, distributed_args_parser, distributed_run, from_main, gather_to_main, load_model,
+                 local_main_first, model_from_checkpoint, newest_model, read_model_checkpoint, setup_ranks)
 from stage import (UserError, common_args_parser, elapsed, give_user_mode, non_negative_int, positive_int, print_args,
                    refuse_json_constant, run_main, sha256_file, to_json, write_error, write_text)
 
@@ -587,14 +587,12 @@ def build_database(args, ranks):
 
     def read_model():
         path = Path(args.model) if args.model else newest_model(args.model_dir, args.bits)
-        return path, load_model(path, args.bits)[1]
+        return path, read_model_checkpoint(path, args.bits)
 
     # rank 0 reads the model and sends it to every rank: the model folder need not be shared between machines
     model_path, checkpoint = from_main(ranks, read_model)
     net_args = checkpoint["model_args"]
-    model = build_model(net_args)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model = model_from_checkpoint(checkpoint)
     sources, every, label_kind = retrieval_sources(args, net_args, ranks)
     parts, bad = {}, []
     for part, source in sources.items():

@@ -254,7 +254,7 @@ def resumed_args(args, ranks):
 def training_lists(args):
     """(folder, (train entries, label indices), (test entries, label indices), classes): cheap, before any decoding."""
     folder = Path(args.data_root) / "image"
-    strict = getattr(args, "strict_paths", False)
+    strict = args.strict_paths
     train_entries = MyDataset.read_list(folder / "trainlist.txt", need_label=True, strict_paths=strict)
     test_entries = MyDataset.read_list(folder / "testlist.txt", need_label=True, strict_paths=strict)
     classes = MyDataset.training_classes(train_entries)
@@ -381,10 +381,11 @@ def train_one_epoch(step_model, optimizer, train, generator, epoch, args, ranks)
 
 def write_epoch(record, log_path, resume_path, resume_state):
     """The epoch's JSON line on stdout and appended to the log, then the resume state, written atomically."""
-    print(to_json(record), flush=True)
+    line = to_json(record)
+    print(line, flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write(to_json(record) + "\n")
+        log.write(line + "\n")
     save_checkpoint(resume_path, **resume_state)
 
 

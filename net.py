@@ -525,16 +525,27 @@ def read_checkpoint(path, what="a checkpoint written by mytrain.py"):
     return checkpoint
 
 
-def load_model(path, bits=None):
-    """(model in eval mode on the CPU, checkpoint dict); refuses a model whose bits differ from `bits`."""
+def read_model_checkpoint(path, bits=None):
+    """The checkpoint dict of a model file; refuses a model whose bits differ from `bits`."""
     checkpoint = read_checkpoint(path)
     stored = checkpoint["model_args"]["bits"]
     if bits is not None and stored != bits:
         raise UserError(f"{path} is a {stored}-bit model but --bits {bits} was given; "
                         f"use --bits {stored} or another --model")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint):
+    """The network a checkpoint holds, in eval mode on the CPU."""
     model = build_model(checkpoint["model_args"])
     model.load_state_dict(checkpoint["model"])
-    return model.eval(), checkpoint
+    return model.eval()
+
+
+def load_model(path, bits=None):
+    """(model in eval mode on the CPU, checkpoint dict); refuses a model whose bits differ from `bits`."""
+    checkpoint = read_model_checkpoint(path, bits)
+    return model_from_checkpoint(checkpoint), checkpoint
 
 
 MODEL_NAME = re.compile(r"^(\d+)bits_(\d+\.\d+)(?:_(\d+))?\.pt$")

@@ -39,7 +39,7 @@ import database
 import index
 import mAP
 from net import load_model
-from stage import UserError, common_args_parser, print_args, run_main
+from stage import UserError, common_args_parser, int_in, positive_float, print_args, run_main
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_TOPK = 1000  # results per request: enough for any page, and it bounds the work a request can ask for
@@ -55,8 +55,8 @@ def get_args_parser():
     index.add_backend_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest image upload accepted (default: %(default)s)")
+    parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="(default: %(default)s)")
+    parser.add_argument("--max-upload-mb", type=positive_float, default=20, help="largest image upload accepted (default: %(default)s)")
     return parser
 
 
@@ -254,8 +254,6 @@ def check_port(host, port):
 def main():
     args = get_args_parser().parse_args()
     print_args(args)
-    if args.max_upload_mb <= 0:
-        raise UserError(f"--max-upload-mb {args.max_upload_mb}: give a positive size")
     check_port(args.host, args.port)
     retrieval = Retrieval(args)
     import uvicorn

@@ -238,17 +238,6 @@ def refuse_json_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_json(path, rebuild):
-    """Parse a JSON file the project wrote; anything else (NaN, Infinity, absurd nesting, not UTF-8) is a
-    UserError naming the file and `rebuild`, the command that writes it again."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_json_constant)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        detail = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:80]
-        raise UserError(f"{path} is not valid JSON ({detail}); {rebuild}") from None
-
-
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:

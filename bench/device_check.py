@@ -173,7 +173,7 @@ def main():
     cuda = torch.cuda.is_available()
     device, gpus = ("cuda", torch.cuda.device_count()) if cuda else ("cpu", 0)
     scratch = Path(args.scratch).resolve()
-    paths = {name: scratch / name for name in ("data", "model", "model_ddp", "database", "result", "bench")}
+    paths = {name: scratch / name for name in ("data", "model", "model_ddp", "database", "result")}
     report = {"device": torch.cuda.get_device_name(0) if cuda else f"CPU dry run ({os.cpu_count()} cores)",
               "gpus": gpus, "torch": torch.__version__, "args": vars(args), "steps": {}}
     started = time.perf_counter()

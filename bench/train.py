@@ -40,7 +40,7 @@ import MyDataset  # noqa: E402
 from database import encode  # noqa: E402
 from net import (IMAGENET_MEAN, IMAGENET_STD, AlexNetPlusLatent, autocast, cpu_has_native_bf16, hashing_loss,  # noqa: E402
                  model_args, pick_device)
-from stage import UserError, common_args_parser, print_args, run_main, write_json  # noqa: E402
+from stage import UserError, common_args_parser, positive_int, print_args, run_main, write_json  # noqa: E402
 
 
 def get_args_parser():
@@ -59,7 +59,7 @@ def get_args_parser():
                         choices=[name for name, _ in STEP_CONFIGS], metavar="NAME",
                         help="step configurations to time, fp32 always among them (default: all: "
                              + ", ".join(name for name, _ in STEP_CONFIGS) + ")")
-    parser.add_argument("--config-steps", type=int, default=2, help="timed steps per configuration and round (default: %(default)s)")
+    parser.add_argument("--config-steps", type=positive_int, default=2, help="timed steps per configuration and round (default: %(default)s)")
     return parser
 
 
