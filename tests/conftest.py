@@ -4,11 +4,13 @@ model (with its database) that the whole session shares.
 Tests that need a trained model copy the session's (`trained`, made once per test session, so once per pytest-xdist
 worker) instead of training their own; a test that damages a file damages its copy (`copy_trained`).
 """
+import contextlib
 import fcntl
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,25 +82,56 @@ def train_and_encode(root):
     return root
 
 
+def train_shared(shared):
+    """Make shared/trained once, under shared/trained.lock: whoever comes first trains, the rest wait and reuse."""
+    with open(shared / "trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        root = shared / "trained"
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way leaves nothing to trust
+            train_and_encode(root)
+            (root / "done").touch()
+    return root
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Under pytest-xdist, the controller (idle while its workers run tests) trains the shared model in the
+    background from the start, so that no worker sits waiting for it when its first test asks. Only for a run of
+    the whole suite: a selection (-k, -m, some files) may not need the model at all."""
+    config = session.config
+    whole = not config.option.keyword and not config.option.markexpr and config.args in ([], ["tests"], [str(REPO / "tests")])
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None) or not whole:
+        return
+    shared = config._tmp_path_factory.getbasetemp()  # the workers' basetemps are its subfolders
+    ready = threading.Event()
+
+    def background():
+        with open(shared / "trained.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # taken before any worker starts: they wait for this run
+            ready.set()
+            with contextlib.suppress(Exception):  # failed: the first worker to ask trains it again, and reports
+                train_and_encode(shared / "trained")
+                (shared / "trained" / "done").touch()
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    ready.wait()
+    config.add_cleanup(thread.join)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A root with data/ (3 generated classes: 96 training, 30 test, 15 query images), model/16bits_*.pt trained
     for 6 epochs at 64 px on the CPU, and database/ encoded with it. Read-only: copy_trained gives a copy.
 
-    Under pytest-xdist the workers share one: the first to ask trains it while the others wait on a lock in the
-    session's own temporary folder (the parent of every worker's basetemp).
+    Under pytest-xdist the workers share one, in the session's own temporary folder (the parent of every worker's
+    basetemp): the controller starts training it when the session starts (pytest_sessionstart), and a worker that
+    asks first waits for it on a lock.
     """
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return train_and_encode(tmp_path_factory.mktemp("trained"))
-    shared = tmp_path_factory.getbasetemp().parent
-    with open(shared / "trained.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        root = shared / "trained"
-        if not (root / "done").exists():
-            shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way leaves nothing to trust
-            train_and_encode(root)
-            (root / "done").touch()
-    return root
+    return train_shared(tmp_path_factory.getbasetemp().parent)
 
 
 @pytest.fixture

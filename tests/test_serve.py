@@ -1,6 +1,7 @@
 """serve.py as a real server on 127.0.0.1: its API against query.py's files, a real Chromium, a load test, refusals.
 
-One tiny model and database are built for the module; the server runs as a subprocess for all the tests.
+A copy of the session's trained model and database (conftest.trained) serves the module; the server runs as a
+subprocess for all the tests.
 The browser is Debian's chromium through its chromedriver (apt-get install chromium chromium-driver), driven by
 selenium with both binaries given, so nothing is downloaded.
 """
@@ -9,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -21,9 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, class_image, make_dataset, run
+from conftest import REPO, TRAINED_BITS, class_image, run
 
-BITS, TOPK = 16, 6
+BITS, TOPK = TRAINED_BITS, 6
 # one worker builds the module's model and server (tests/run.sh runs pytest-xdist with --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("serve")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -76,13 +78,12 @@ def get_json(port, path):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(root, port, server process): a 16-bit model, its database, query.py's answers, and serve.py running."""
+def served(tmp_path_factory, trained):
+    """(root, port, server process): the session's 16-bit model and its database (a copy), query.py's answers,
+    and serve.py running."""
     root = tmp_path_factory.mktemp("serve")
-    make_dataset(root / "data", classes=3, train_per_class=16, test_per_class=4, query_per_class=4)
-    run(REPO / "mytrain.py", "--bits", BITS, "--pretrained", "none", "--img-size", 64, "--epochs", 1, "--device", "cpu",
-        "--workers", 0, "--batch-size", 16, cwd=root)
-    run(REPO / "database.py", "--bits", BITS, "--workers", 0, "--device", "cpu", cwd=root)
+    for folder in ("data", "model", "database"):
+        shutil.copytree(trained / folder, root / folder, ignore=shutil.ignore_patterns(".cache"))
     run(REPO / "index.py", "--bits", BITS, cwd=root)  # query.py and serve.py both take their candidates from it
     run(REPO / "query.py", "--bits", BITS, "--device", "cpu", "--topk", TOPK, cwd=root)
     # an image of its own, outside the data root, as a user would upload it
@@ -122,7 +123,7 @@ def test_the_api_answers_as_query_py(served):
     lines = query_lines(root)
     answers = json.loads((root / "result" / "query.json").read_text())["queries"]
     info = get_json(port, "/api/info")
-    assert info["num_queries"] == len(lines) == 12 and info["topk"] == TOPK and info["backend"].startswith("faiss")
+    assert info["num_queries"] == len(lines) == 15 and info["topk"] == TOPK and info["backend"].startswith("faiss")
     for index, (line, expected) in enumerate(zip(lines, answers)):
         answer = get_json(port, f"/api/query/{index}")
         assert [item["name"] for item in answer["results"]] == line
@@ -130,12 +131,12 @@ def test_the_api_answers_as_query_py(served):
                                       "relevant": item["label"] == expected["label"]} for item in expected["results"]]
         assert (answer["radius"], answer["candidates"], answer["label"]) == (expected["radius"], expected["candidates"],
                                                                             expected["label"])
-    page = get_json(port, "/api/queries?offset=10&limit=5")
-    assert page["total"] == 12 and [q["index"] for q in page["queries"]] == [10, 11]
+    page = get_json(port, "/api/queries?offset=10&limit=8")
+    assert page["total"] == 15 and [q["index"] for q in page["queries"]] == [10, 11, 12, 13, 14]
     for index in (0, 7):  # re-ranking off: the Hamming ranking with its tie order
         answer = get_json(port, f"/api/query/{index}?rerank=false&topk=9")
         assert [item["name"] for item in answer["results"]] == hamming_reference(root, index, 9)
-    assert get(port, "/api/query/12")[0] == 404
+    assert get(port, "/api/query/15")[0] == 404
     assert get(port, "/api/query/0?radius=17")[0] == 400
     assert get(port, "/api/query/0?topk=0")[0] == 422
 
@@ -275,7 +276,7 @@ def test_a_real_browser_clicks_a_query_and_uploads_an_image(served):
     try:
         wait = WebDriverWait(driver, 120)  # a bound on a hung page, not a timing assertion
         driver.get(f"http://127.0.0.1:{port}/")
-        wait.until(lambda d: len(d.find_elements("css selector", "#queries .query")) == 12)
+        wait.until(lambda d: len(d.find_elements("css selector", "#queries .query")) == 15)
         driver.find_elements("css selector", "#queries .query")[4].click()
         wait.until(grid_of_loaded_images(TOPK))
         assert shown_names(driver) == lines[4]
