@@ -19,9 +19,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-# tests/run.sh runs two pytest-xdist workers on the machine's cores: one intra-op thread for each test's processes
-# (and for torch in the workers themselves, imported after this) keeps them from oversubscribing the cores. Measured
-# on 2 cores: 15% less time for the retrieval tests. Results that tests compare are made under the one setting.
+# tests/run.sh runs three pytest-xdist workers on the machine's two cores: one intra-op thread for each test's
+# processes (and for torch in the workers themselves, imported after this) keeps them from oversubscribing the
+# cores. Measured on 2 cores with two workers: 15% less time for the retrieval tests. Results that tests compare
+# are made under the one setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

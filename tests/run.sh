@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up + the whole test suite: the Python requirements, then (as root on Debian) the headless browser that
-# tests/test_serve.py drives; runs on both cores with pytest-xdist.
+# tests/test_serve.py drives; runs on both cores with three pytest-xdist workers: while one waits (on a server, a
+# timeout, a rendezvous or the shared model) the other two keep the cores busy.
 #   bash tests/run.sh                 # everything
 #   bash tests/run.sh -k metrics      # extra arguments go to pytest
 set -euo pipefail
@@ -11,4 +12,4 @@ if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }
   (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)) \
     >/dev/null || echo "chromium not installed: the browser test will be skipped"
 fi
-exec python -m pytest -q -n 2 --dist loadgroup tests "$@"  # loadgroup: the Milvus tests share one server
+exec python -m pytest -q -n 3 --dist loadgroup tests "$@"  # loadgroup: the Milvus tests share one server
