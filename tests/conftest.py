@@ -1,8 +1,8 @@
 """Small generated image sets in the repo's data layout, a runner for the real command lines, and the one trained
 model (with its database) that the whole session shares.
 
-Tests that need a trained model copy the session's (`trained`, made once per test session, so once per pytest-xdist
-worker) instead of training their own; a test that damages a file damages its copy (`copy_trained`).
+Tests that need a trained model copy the session's (`trained`, made once per run and shared by the pytest-xdist
+workers) instead of training their own; a test that damages a file damages its copy (`copy_trained`).
 """
 import contextlib
 import fcntl
@@ -101,23 +101,21 @@ def pytest_sessionstart(session):
     background from the start, so that no worker sits waiting for it when its first test asks. Only for a run of
     the whole suite: a selection (-k, -m, some files) may not need the model at all."""
     config = session.config
-    whole = not config.option.keyword and not config.option.markexpr and config.args in ([], ["tests"], [str(REPO / "tests")])
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None) or not whole:
+    if (hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
+            or config.option.collectonly or config.option.keyword or config.option.markexpr
+            or [(config.invocation_params.dir / arg).resolve() for arg in config.args] != [REPO / "tests"]):
         return
     shared = config._tmp_path_factory.getbasetemp()  # the workers' basetemps are its subfolders
-    ready = threading.Event()
+    lock = open(shared / "trained.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # taken before any worker starts: they wait for this run
 
     def background():
-        with open(shared / "trained.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # taken before any worker starts: they wait for this run
-            ready.set()
-            with contextlib.suppress(Exception):  # failed: the first worker to ask trains it again, and reports
-                train_and_encode(shared / "trained")
-                (shared / "trained" / "done").touch()
+        with lock, contextlib.suppress(Exception):  # failed: the first worker to ask trains it again, and reports
+            train_and_encode(shared / "trained")
+            (shared / "trained" / "done").touch()
 
     thread = threading.Thread(target=background, daemon=True)
     thread.start()
-    ready.wait()
     config.add_cleanup(thread.join)
 
 
@@ -127,8 +125,8 @@ def trained(tmp_path_factory):
     for 6 epochs at 64 px on the CPU, and database/ encoded with it. Read-only: copy_trained gives a copy.
 
     Under pytest-xdist the workers share one, in the session's own temporary folder (the parent of every worker's
-    basetemp): the controller starts training it when the session starts (pytest_sessionstart), and a worker that
-    asks first waits for it on a lock.
+    basetemp): in a run of the whole suite the controller starts training it when the session starts
+    (pytest_sessionstart); otherwise the first worker to ask trains it. Either way the others wait on a lock.
     """
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return train_and_encode(tmp_path_factory.mktemp("trained"))

@@ -26,7 +26,7 @@ from PIL import Image
 from conftest import REPO, TRAINED_BITS, class_image, run
 
 BITS, TOPK = TRAINED_BITS, 6
-# one worker builds the module's model and server (tests/run.sh runs pytest-xdist with --dist loadgroup)
+# one worker runs the module's server, on a copy of the shared model (tests/run.sh: pytest-xdist, --dist loadgroup)
 pytestmark = pytest.mark.xdist_group("serve")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
