@@ -13,7 +13,7 @@ from conftest import REPO, make_dataset, run
 pytestmark = pytest.mark.xdist_group("precision")
 
 # bf16 is emulated, and slow, on a CPU without AVX512_BF16/AMX: one epoch of two steps is enough to compare bytes
-TRAIN = ("--bits", 16, "--pretrained", "none", "--img-size", 64, "--epochs", 1, "--batch-size", 12,
+TRAIN = ("--bits", 16, "--pretrained", "none", "--img-size", 64, "--epochs", 1, "--batch-size", 6,
          "--device", "cpu", "--workers", 0, "--seed", 0)
 
 
@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     """Four tiny runs on one data set: bf16 twice and fp32, each encoded by database.py; and the default precision
     with the optimizer's loop over parameters (--no-fused), not encoded."""
     root = tmp_path_factory.mktemp("precision")
-    make_dataset(root / "data", classes=3, train_per_class=8, test_per_class=4, query_per_class=4)
+    make_dataset(root / "data", classes=3, train_per_class=4, test_per_class=2, query_per_class=2)
     outputs = {}
     for name, extra in (("bf16_a", ("--precision", "bf16")), ("bf16_b", ("--precision", "bf16")),
                         ("fp32", ("--precision", "fp32")), ("default_loop", ("--no-fused",))):
