@@ -83,15 +83,20 @@ def train_and_encode(root):
     return root
 
 
+def train_and_mark(root):
+    """train_and_encode into a fresh root, marked done only once it is whole."""
+    shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way leaves nothing to trust
+    train_and_encode(root)
+    (root / "done").touch()
+
+
 def train_shared(shared):
     """Make shared/trained once, under shared/trained.lock: whoever comes first trains, the rest wait and reuse."""
     with open(shared / "trained.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         root = shared / "trained"
         if not (root / "done").exists():
-            shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way leaves nothing to trust
-            train_and_encode(root)
-            (root / "done").touch()
+            train_and_mark(root)
     return root
 
 
@@ -111,8 +116,7 @@ def pytest_sessionstart(session):
 
     def background():
         with lock, contextlib.suppress(Exception):  # failed: the first worker to ask trains it again, and reports
-            train_and_encode(shared / "trained")
-            (shared / "trained" / "done").touch()
+            train_and_mark(shared / "trained")
 
     thread = threading.Thread(target=background, daemon=True)
     thread.start()
@@ -133,9 +137,14 @@ def trained(tmp_path_factory):
     return train_shared(tmp_path_factory.getbasetemp().parent)
 
 
+def copy_of_trained(trained, root):
+    """root with a copy of the trained root's data, model and database (without the decoded cache); returns root."""
+    for folder in ("data", "model", "database"):
+        shutil.copytree(trained / folder, root / folder, ignore=shutil.ignore_patterns(".cache"))
+    return root
+
+
 @pytest.fixture
 def copy_trained(tmp_path, trained):
     """A copy of the session's trained root (data, model, database) that the test may change."""
-    for folder in ("data", "model", "database"):
-        shutil.copytree(trained / folder, tmp_path / folder, ignore=shutil.ignore_patterns(".cache"))
-    return tmp_path
+    return copy_of_trained(trained, tmp_path)

@@ -10,7 +10,6 @@ import http.client
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TRAINED_BITS, class_image, run
+from conftest import REPO, TRAINED_BITS, class_image, copy_of_trained, run
 
 BITS, TOPK = TRAINED_BITS, 6
 # one worker runs the module's server, on a copy of the shared model (tests/run.sh: pytest-xdist, --dist loadgroup)
@@ -81,9 +80,7 @@ def get_json(port, path):
 def served(tmp_path_factory, trained):
     """(root, port, server process): the session's 16-bit model and its database (a copy), query.py's answers,
     and serve.py running."""
-    root = tmp_path_factory.mktemp("serve")
-    for folder in ("data", "model", "database"):
-        shutil.copytree(trained / folder, root / folder, ignore=shutil.ignore_patterns(".cache"))
+    root = copy_of_trained(trained, tmp_path_factory.mktemp("serve"))
     run(REPO / "index.py", "--bits", BITS, cwd=root)  # query.py and serve.py both take their candidates from it
     run(REPO / "query.py", "--bits", BITS, "--device", "cpu", "--topk", TOPK, cwd=root)
     # an image of its own, outside the data root, as a user would upload it
