@@ -1,16 +1,27 @@
 """Small generated image sets in the repo's data layout, a runner for the real command lines, and the one trained
 model (with its database) that the whole session shares.
 
+`run` runs a script in a child forked from a warm interpreter that has already imported torch (tests/launcher.py,
+checked against a fresh `python` by test_launcher.py): importing torch takes 4-9 s on a 2-core machine, and the suite
+runs scripts some 170 times. DLBHC_TEST_FRESH_PYTHON=1 starts a fresh interpreter for every run instead.
+
 Tests that need a trained model copy the session's (`trained`, made once per run and shared by the pytest-xdist
 workers) instead of training their own; a test that damages a file damages its copy (`copy_trained`).
 """
 import contextlib
 import fcntl
+import json
+import locale
 import os
+import resource
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +67,90 @@ def make_dataset(root, classes=3, train_per_class=24, test_per_class=6, query_pe
     return Path(root)
 
 
-def run(*args, cwd=None, check=True, env=None):
-    """Run a repo script as a user would: python SCRIPT ARGS; returns the CompletedProcess."""
+# Variables that a Python reads as it starts or imports torch, numpy or tqdm: a launcher serves one set of values.
+STARTUP_VARIABLES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA", "TQDM_", "LD_",
+                     "LC_", "LANG", "MALLOC")
+FRESH_PYTHON = os.environ.get("DLBHC_TEST_FRESH_PYTHON") == "1"
+launchers, launchers_lock = {}, threading.Lock()
+
+
+class Launcher:
+    """Client of one tests/launcher.py process: run(argv, ...) is subprocess.run(capture_output=True, text=True)
+    for a script, in a child forked from an interpreter that has already imported torch."""
+
+    def __init__(self, env):
+        requests_read, self.requests = os.pipe()
+        self.answers, answers_write = os.pipe()
+        self.process = subprocess.Popen([sys.executable, str(REPO / "tests/launcher.py"), str(requests_read),
+                                         str(answers_write)], pass_fds=(requests_read, answers_write), env=env,
+                                        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        os.close(requests_read)
+        os.close(answers_write)
+        self.buffer, self.lock = b"", threading.Lock()
+
+    def answer(self, deadline):
+        while b"\n" not in self.buffer:
+            if not select.select([self.answers], [], [], max(0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = os.read(self.answers, 64)
+            if not chunk:
+                raise RuntimeError(f"the tests' launcher exited with status {self.process.wait()}")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return int(line)
+
+    def run(self, argv, cwd, env, timeout, umask=None, fsize=None):
+        with self.lock, tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            out.touch()
+            err.touch()
+            request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
+                       "umask": umask, "fsize": fsize}
+            os.write(self.requests, (json.dumps(request) + "\n").encode())
+            deadline = time.monotonic() + timeout
+            pid = self.answer(deadline)
+            status = self.answer(deadline)
+            if status is None:
+                os.kill(pid, signal.SIGKILL)
+                self.answer(time.monotonic() + 60)
+            # as subprocess does with text=True: the locale's encoding, universal newlines
+            stdout, stderr = (path.read_bytes().decode(locale.getpreferredencoding(False)).replace("\r\n", "\n")
+                              .replace("\r", "\n") for path in (out, err))
+        if status is None:
+            raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+        return subprocess.CompletedProcess([sys.executable, *argv], status, stdout, stderr)
+
+
+def launcher_for(env):
+    """The launcher for env's start-up variables, started on first use; None where a fresh Python is needed."""
+    if FRESH_PYTHON or env.get("PYTHONPATH") != os.environ.get("PYTHONPATH"):  # sitecustomize hooks run at start
+        return None
+    key = tuple(sorted((name, value) for name, value in env.items() if name.startswith(STARTUP_VARIABLES)))
+    with launchers_lock:
+        if key not in launchers:
+            launchers[key] = Launcher(env)
+        return launchers[key]
+
+
+def run(*args, cwd=None, check=True, env=None, umask=None, fsize=None, timeout=900, fresh=False):
+    """Run a repo script as a user would: python SCRIPT ARGS; returns the CompletedProcess. A script runs in a child
+    of a launcher (tests/launcher.py), which differs from a fresh `python` only in having imported torch already;
+    fresh=True, -c and -m, and a changed PYTHONPATH get a fresh interpreter. umask and fsize (RLIMIT_FSIZE, bytes)
+    apply to the script's process."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd or REPO, capture_output=True, text=True,
-                            env=full_env, timeout=900)
+    args = [str(arg) for arg in args]
+    launcher = None if fresh or args[0].startswith("-") else launcher_for(full_env)
+    if launcher is not None:
+        result = launcher.run(args, cwd or REPO, full_env, timeout, umask, fsize)
+    else:
+        def limits():
+            if umask is not None:
+                os.umask(umask)
+            if fsize is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+        result = subprocess.run([sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True,
+                                env=full_env, timeout=timeout, preexec_fn=limits)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
     return result

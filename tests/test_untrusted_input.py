@@ -7,7 +7,6 @@ full disk. Most checks need no model (tests/fake_database.py); the few that do s
 import json
 import math
 import os
-import resource
 import shutil
 import stat
 import subprocess
@@ -36,14 +35,9 @@ UMASK = 0o002  # not the usual 022: a file created 0600 or 0644 regardless of it
 
 
 def script_run(script, *args, cwd, fsize=None, umask=UMASK):
-    """python SCRIPT ARGS in cwd, as a user whose umask is UMASK, optionally with a file size limit (bytes)."""
-    def limits():
-        os.umask(umask)
-        if fsize is not None:  # a write past it fails with EFBIG (Python ignores SIGXFSZ), like a full disk
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, **QUIET}, preexec_fn=limits, timeout=900)
+    """python SCRIPT ARGS in cwd, as a user whose umask is UMASK, optionally with a file size limit (bytes: a write
+    past it fails with EFBIG, like a full disk)."""
+    return run(REPO / script, *args, cwd=cwd, check=False, env=QUIET, umask=umask, fsize=fsize)
 
 
 def fails(result, *names):
