@@ -1,7 +1,7 @@
 """Train AlexNetPlusLatent on data/image/trainlist.txt; report accuracy on testlist.txt after every epoch.
 
     python mytrain.py --bits 48                                      # ImageNet-initialised, as in DLBHC
-    python mytrain.py --bits 48 --pretrained none --img-size 64 --device cpu --epochs 8    # the CPU quick mode
+    python mytrain.py --bits 48 --pretrained none --img-size 64 --device cpu --epochs 14   # the CPU quick mode
     python mytrain.py --bits 48 --resume                             # continue the last interrupted 48-bit run
     python mytrain.py --bits 48 --precision fp32                     # no autocast (default auto: bf16 on CUDA, fp32 on the CPU)
     torchrun --nproc-per-node 8 mytrain.py --bits 48                 # 8 GPUs; --batch-size is the global batch

@@ -16,7 +16,7 @@ if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)
   PREPARE=(); TRAIN=(--img-size 224 --epochs 30 --batch-size 256)
 else
   echo "== CPU: quick mode (6,000 training images, 500 queries, 64 px)"
-  PREPARE=(--limit-per-class 600 --limit-test-per-class 50); TRAIN=(--img-size 64 --epochs 12 --device cpu)
+  PREPARE=(--limit-per-class 600 --limit-test-per-class 50); TRAIN=(--img-size 64 --epochs 14 --device cpu)
 fi
 set -x
 python prepare_data.py fashion-mnist "${PREPARE[@]}"

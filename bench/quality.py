@@ -27,7 +27,7 @@ from stage import UserError, print_args, run_main, write_json  # noqa: E402
 def get_args_parser():
     parser = argparse.ArgumentParser("bench/quality.py", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the CPU quick mode (subset, 64 px, 12 epochs, as run.sh)")
+    parser.add_argument("--quick", action="store_true", help="the CPU quick mode (subset, 64 px, 14 epochs, as run.sh)")
     parser.add_argument("--bits", type=int, nargs="+", default=[12, 32, 48, 64], help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: %(default)s)")
     parser.add_argument("--source", default="/usr/share/datasets/fashion-mnist",
@@ -54,7 +54,7 @@ def main():
     data = work / ("data_quick" if args.quick else "data_full")
     limits = ["--limit-per-class", 600, "--limit-test-per-class", 50] if args.quick else []
     script("prepare_data.py", "fashion-mnist", "--source", args.source, "--data-root", data, *limits)
-    size = ["--img-size", 64, "--epochs", 12] if args.quick else []
+    size = ["--img-size", 64, "--epochs", 14] if args.quick else []
     rows = []
     for bits in args.bits:
         models, db, result = work / f"model_{bits}", work / f"database_{bits}", work / f"result_{bits}"
