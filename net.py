@@ -290,12 +290,13 @@ class AlexNetPlusLatent(nn.Module):
         self.latent = nn.Linear(4096, bits)  # the hash layer: its sigmoid, thresholded at 0.5, is the code
         self.latent_norm = nn.BatchNorm1d(bits) if recipe in ("bn", "bnconv") else nn.Identity()
         self.classifier = nn.Linear(bits, num_classes)
+        self.fc6_on_pixel = True  # fc6_of_one_pixel where it applies; False: the pool always (bench/train.py)
         self.register_load_state_dict_pre_hook(rename_old_layers)
 
     def forward(self, images):
         """images [B, 3, H, W] normalised, H, W >= 64 -> (codes [B, bits] in (0, 1), logits [B, C], fc7 [B, 4096])."""
         maps = self.features(images)
-        if maps.shape[-2:] == (1, 1) and self.training and self.fc6_fc7[0].p == 0:
+        if self.fc6_on_pixel and maps.shape[-2:] == (1, 1) and self.training and self.fc6_fc7[0].p == 0:
             fc7 = self.fc6_fc7[2:](self.fc6_of_one_pixel(torch.flatten(maps, 1)))
         else:
             fc7 = self.fc6_fc7(torch.flatten(self.avgpool(maps), 1))
