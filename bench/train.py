@@ -70,6 +70,7 @@ STEP_CONFIGS = (
     ("fp32 pooled fc6", {"pooled_fc6": True}),
     ("fp32 AdamW loop", {"fused": False}),
     ("fp32 channels_last", {"channels_last": True}),
+    ("fp32 channels_last pooled fc6", {"channels_last": True, "pooled_fc6": True}),
     ("bf16", {"bf16": True}),
     ("bf16 channels_last", {"bf16": True, "channels_last": True}),
     ("fp32 1 thread", {"threads": 1}),
