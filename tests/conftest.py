@@ -10,10 +10,10 @@ workers) instead of training their own; a test that damages a file damages its c
 """
 import contextlib
 import fcntl
+import functools
 import json
 import locale
 import os
-import resource
 import select
 import shutil
 import signal
@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from launcher import set_limits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,8 +104,6 @@ class Launcher:
     def run(self, argv, cwd, env, timeout, umask=None, fsize=None):
         with self.lock, tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder, "stdout"), Path(folder, "stderr")
-            out.touch()
-            err.touch()
             request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
                        "umask": umask, "fsize": fsize}
             os.write(self.requests, (json.dumps(request) + "\n").encode())
@@ -143,12 +143,7 @@ def run(*args, cwd=None, check=True, env=None, umask=None, fsize=None, timeout=9
     if launcher is not None:
         result = launcher.run(args, cwd or REPO, full_env, timeout, umask, fsize)
     else:
-        def limits():
-            if umask is not None:
-                os.umask(umask)
-            if fsize is not None:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
+        limits = None if umask is None and fsize is None else functools.partial(set_limits, umask, fsize)
         result = subprocess.run([sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True,
                                 env=full_env, timeout=timeout, preexec_fn=limits)
     if check and result.returncode != 0:

@@ -26,17 +26,24 @@ import sys
 PRELOADED = ("numpy", "PIL.Image", "torch", "torch._dynamo", "torchvision", "tqdm")
 
 
+def set_limits(umask=None, fsize=None):
+    """The run's umask and RLIMIT_FSIZE (bytes), where given: a write past fsize fails with EFBIG, as Python
+    ignores SIGXFSZ. Also conftest.run's preexec_fn for a fresh interpreter."""
+    if umask is not None:
+        os.umask(umask)
+    if fsize is not None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+
 def become(request):
     """In the forked child: set up the process as `python argv...` would and run the script; never returns."""
     os.chdir(request["cwd"])
-    if request["umask"] is not None:
-        os.umask(request["umask"])
-    if request["fsize"] is not None:  # a write past it fails with EFBIG: Python ignores SIGXFSZ
-        resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"],) * 2)
+    set_limits(request["umask"], request["fsize"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
-                            (2, request["stderr"], os.O_WRONLY)):
+    created = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], created),
+                            (2, request["stderr"], created)):
         opened = os.open(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
